@@ -1,0 +1,248 @@
+"""Reading YAML config into typed models, with errors that name the YAML path and the fix.
+
+A ``Node`` wraps one mapping of the document at its path (``routes[2]``). Readers record every
+problem instead of stopping at the first, and ``finish()`` reports keys nobody read: a typo must
+not silently disable a check. ``${ENV}`` is expanded in strings, and ``<name>_file`` keys read a
+secret from a file (how Kubernetes Secrets mount); relative paths resolve against the config
+file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_MISSING: Any = object()
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass
+class Problems:
+    """Collects every problem found while reading one document."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(f"{path or '<top>'}: {message}")
+
+
+class Node:
+    """One mapping of a config document, read key by key."""
+
+    def __init__(self, data: Any, path: str, problems: Problems, base_dir: Path) -> None:
+        self.path = path
+        self.problems = problems
+        self.base_dir = base_dir
+        self._seen: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            problems.add(path, f"must be a mapping, got {_kind(data)}")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> None:
+        self.problems.add(self.at(key), message)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str) -> Any:
+        self._seen.add(key)
+        return self.data.get(key)
+
+    def _typed(self, key: str, kind: type[T] | tuple[type, ...], name: str, default: Any) -> Any:
+        self._seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if default is _MISSING:
+                self.error(key, "required")
+                return None
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and kind is not bool:
+            self.error(key, f"must be {name}, got a boolean")
+            return default if default is not _MISSING else None
+        if not isinstance(value, kind):
+            self.error(key, f"must be {name}, got {_kind(value)}")
+            return default if default is not _MISSING else None
+        return value
+
+    def text(self, key: str, default: Any = _MISSING) -> Any:
+        """A string, with ``${ENV}`` expanded."""
+        value = self._typed(key, str, "a string", default)
+        if isinstance(value, str):
+            return self._expand(key, value)
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> Any:
+        value = self.text(key, default)
+        if value is not None and value not in choices:
+            self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+            return default if default is not _MISSING else None
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value: bool = self._typed(key, bool, "true or false", default)
+        return value
+
+    def number(
+        self, key: str, default: Any = _MISSING, *, minimum: float = 0, maximum: float = 1e12
+    ) -> Any:
+        value = self._typed(key, (int, float), "a number", default)
+        if value is not None and not (minimum <= value <= maximum):
+            self.error(key, f"must be between {minimum:g} and {maximum:g}, got {value}")
+            return default if default is not _MISSING else None
+        return value
+
+    def integer(
+        self, key: str, default: Any = _MISSING, *, minimum: int = 0, maximum: int = 10**9
+    ) -> Any:
+        value = self._typed(key, int, "a whole number", default)
+        if value is not None and not (minimum <= value <= maximum):
+            self.error(key, f"must be between {minimum} and {maximum}, got {value}")
+            return default if default is not _MISSING else None
+        return value
+
+    def strings(self, key: str, default: Any = _MISSING) -> Any:
+        """A list of strings; a single string is accepted as a list of one."""
+        self._seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if default is _MISSING:
+                self.error(key, "required")
+                return ()
+            return default
+        value = self.data[key]
+        if isinstance(value, str):
+            return (self._expand(key, value),)
+        if not isinstance(value, list):
+            self.error(key, f"must be a list of strings, got {_kind(value)}")
+            return ()
+        out: list[str] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.problems.add(f"{self.at(key)}[{i}]", f"must be a string, got {_kind(item)}")
+            else:
+                out.append(self._expand(f"{key}[{i}]", item))
+        return tuple(out)
+
+    def path_value(self, key: str, default: Any = None) -> Path | None:
+        """A file path, relative ones resolved against the config file's folder."""
+        value: str | None = self.text(key, default)
+        if value is None:
+            return None
+        return (self.base_dir / os.path.expanduser(value)).resolve()
+
+    def secret(self, key: str) -> str | None:
+        """``key`` inline (``${ENV}`` allowed) or ``key_file`` read from a file; not both."""
+        inline, file_key = self.has(key), f"{key}_file"
+        if inline and self.has(file_key):
+            self.error(key, f"give either {key} or {file_key}, not both")
+        if self.has(file_key):
+            path = self.path_value(file_key)
+            if path is None:
+                return None
+            try:
+                return path.read_text().strip()
+            except OSError as e:
+                self.error(file_key, f"cannot read {path}: {e.strerror}")
+                return None
+        value: str | None = self.text(key, None)
+        return value
+
+    def child(self, key: str, *, required: bool = False) -> Node:
+        self._seen.add(key)
+        if required and key not in self.data:
+            self.error(key, "required")
+        return Node(self.data.get(key), self.at(key), self.problems, self.base_dir)
+
+    def children(self, key: str, *, required: bool = False) -> Iterator[Node]:
+        """The mappings of a list, each at ``key[i]``."""
+        self._seen.add(key)
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                self.error(key, "required: give at least one entry")
+            return
+        if not isinstance(value, list):
+            self.error(key, f"must be a list, got {_kind(value)}")
+            return
+        for i, item in enumerate(value):
+            yield Node(item, f"{self.at(key)}[{i}]", self.problems, self.base_dir)
+
+    def entries(self, key: str) -> Iterator[tuple[str, Node]]:
+        """The mappings of a mapping, each at ``key.name``."""
+        node = self.child(key)
+        for name, value in node.data.items():
+            yield str(name), Node(value, node.at(str(name)), self.problems, self.base_dir)
+
+    def finish(self) -> None:
+        """Report keys that were never read: a typo must not silently disable a check."""
+        for key in self.data:
+            if key not in self._seen:
+                self.error(str(key), f"unknown key (known here: {', '.join(sorted(self._seen))})")
+
+    def _expand(self, key: str, value: str) -> str:
+        def lookup(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                self.error(key, f"environment variable {name} is not set")
+                return ""
+            return os.environ[name]
+
+        return _ENV_REF.sub(lookup, value)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file, turning every failure into a ConfigError naming the file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+
+
+def read_document(data: Any, base_dir: Path, build: Callable[[Node], T], path: str = "") -> T:
+    """Run ``build`` over the document and raise ConfigError with every problem found."""
+    problems = Problems()
+    root = Node(data, path, problems, base_dir)
+    result = build(root)
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    return result
+
+
+def parse_listen(node: Node, key: str, default: str) -> tuple[str, int]:
+    """A ``host:port`` listen address."""
+    value = node.text(key, default) or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        node.error(key, f"must be host:port, e.g. 127.0.0.1:8081, got {value!r}")
+        return "127.0.0.1", 0
+    return host.strip("[]") or "0.0.0.0", int(port)

@@ -1,0 +1,217 @@
+"""ExchangeCore: the embedded API. ``await core.exchange(request, client=...) -> TokenResponse``.
+
+The core decides; its only I/O is fetching trusted issuers' keys (``exchange.issuers``). The
+HTTP server and the sidecar's embedded exchanger are adapters around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from exchange import mint, policy, validate
+from exchange.config import ClientConfig, ExchangeConfig, TrustedIssuer
+from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
+from exchange.issuers import FetchObserver, HttpFetcher, IssuerKeys
+from exchange.keys import KeyRing
+from exchange.tokens import GRANT_TYPE_TOKEN_EXCHANGE, TokenExchangeRequest, TokenResponse
+
+
+def subject_hash(token: str) -> str:
+    """A short, non-reversible handle for logs: never log the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Trace:
+    """The steps of one decision, for ``zonegate explain`` (and nothing else)."""
+
+    steps: list[tuple[str, str]] = field(default_factory=list)
+
+    def __call__(self, step: str, detail: str) -> None:
+        self.steps.append((step, detail))
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A verified subject (and actor) with the decision taken for it."""
+
+    subject: dict[str, Any]
+    actor: dict[str, Any] | None
+    decision: policy.Decision
+
+
+class ExchangeCore:
+    """Validates subject tokens, applies policy and mints zone tokens."""
+
+    def __init__(
+        self,
+        config: ExchangeConfig,
+        *,
+        keyring: KeyRing | None = None,
+        fetcher: HttpFetcher | None = None,
+        observe_fetch: FetchObserver | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.keys = keyring or KeyRing(config)
+        self._fetcher = fetcher or HttpFetcher(config.fetch_timeout)
+        self._clock = clock
+        self._index = policy.zone_index(config.zones)
+        self._trusted = {t.issuer: t for t in config.trusted_issuers}
+        self.issuer_keys = {
+            t.issuer: IssuerKeys(
+                t.issuer,
+                self._fetcher,
+                jwks_uri=t.jwks_uri,
+                min_refresh=config.jwks_min_refresh,
+                max_age=config.jwks_max_age,
+                stale_for=config.jwks_stale_for,
+                observe=observe_fetch,
+            )
+            for t in config.trusted_issuers
+        }
+
+    async def close(self) -> None:
+        """Release the HTTP session used for issuer keys."""
+        await self._fetcher.close()
+
+    async def warm(self) -> list[str]:
+        """Fetch every trusted issuer's keys once; return the issuers that failed."""
+        failed = []
+        for keys in self.issuer_keys.values():
+            try:
+                await keys.key(None)
+            except InvalidRequest:
+                pass  # more than one key: fetched fine
+            except ExchangeError:
+                failed.append(keys.issuer)
+        return failed
+
+    def client(self, client_id: str) -> ClientConfig:
+        """The configured client, or invalid_client."""
+        client = self.config.clients.get(client_id)
+        if client is None:
+            raise InvalidClient(f"unknown client {client_id}")
+        return client
+
+    async def exchange(
+        self,
+        request: TokenExchangeRequest,
+        *,
+        client: str | ClientConfig,
+        now: float | None = None,
+    ) -> TokenResponse:
+        """Exchange the request's subject token for a token of the zone it targets."""
+        client = self.client(client) if isinstance(client, str) else client
+        now = self._clock() if now is None else now
+        verified = await self.verify(request, client, now)
+        decision = verified.decision
+        zone_keys = self.keys[decision.zone.name].current
+        claims = mint.claims_for(
+            decision,
+            issuer=self.config.zone_issuer(decision.zone.name),
+            client_id=client.client_id,
+            now=now,
+        )
+        return TokenResponse(
+            access_token=mint.sign(claims, zone_keys),
+            issued_token_type=request.requested_token_type,
+            expires_in=decision.lifetime,
+            scope=decision.scope,
+            claims=claims,
+        )
+
+    async def verify(
+        self,
+        request: TokenExchangeRequest,
+        client: ClientConfig,
+        now: float,
+        trace: Trace | None = None,
+    ) -> Verified:
+        """Validate subject and actor tokens and take the policy decision, minting nothing."""
+        note = trace or (lambda step, detail: None)
+        subject = await self._verify_token(request.subject_token, "subject_token", now, note)
+        actor = None
+        if request.actor_token is not None:
+            actor = await self._verify_token(request.actor_token, "actor_token", now, note)
+        decision = policy.decide(request, client, self.config, self._index, subject, actor, now)
+        note("zone", f"{decision.zone.name} (issuer {self.config.zone_issuer(decision.zone.name)})")
+        note("client", f"{client.client_id} may use zones {', '.join(client.zones)}")
+        note("scope", " ".join(decision.scope) or "(none)")
+        note("lifetime", f"{decision.lifetime} s")
+        return Verified(subject, actor, decision)
+
+    async def _verify_token(
+        self, raw: str, what: str, now: float, note: Callable[[str, str], None]
+    ) -> dict[str, Any]:
+        token = validate.peek(raw, what=what, max_size=self.config.max_token_size)
+        trusted = self._trusted_issuer(token)
+        note(f"{what} issuer", f"{trusted.issuer} is trusted")
+        key = await self.issuer_keys[trusted.issuer].key(token.kid)
+        note(f"{what} key", f"kid {token.kid} found in the issuer's JWKS")
+        claims = validate.verify(
+            token, raw, key, issuer=trusted, now=now, leeway=self.config.leeway
+        )
+        note(
+            f"{what} claims",
+            "signature, iss, exp, nbf, iat" + (", aud" if trusted.audiences else "") + " valid",
+        )
+        return claims
+
+    def _trusted_issuer(self, token: validate.Unverified) -> TrustedIssuer:
+        trusted = self._trusted.get(token.issuer)
+        if trusted is None:
+            raise InvalidRequest(f"{token.what} issuer is not trusted")
+        return trusted
+
+    # -- documents for resource servers ------------------------------------------------------
+
+    def zone_jwks(self, zone: str) -> dict[str, Any]:
+        """The JWKS of one zone: its current and next keys only."""
+        return self.keys[zone].jwks()
+
+    def zone_metadata(self, zone: str, base: str | None = None) -> dict[str, Any]:
+        """RFC 8414 / OIDC discovery metadata of a zone issuer; ``jwks_uri`` is the zone's alone."""
+        issuer = self.config.zone_issuer(zone)
+        root = (base or self.config.issuer).rstrip("/")
+        return {
+            "issuer": issuer,
+            "jwks_uri": f"{root}/zones/{zone}/jwks.json",
+            "token_endpoint": f"{root}/token",
+            "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
+            "response_types_supported": ["token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": [self.keys[zone].current.alg],
+            "token_endpoint_auth_methods_supported": self.auth_methods(),
+        }
+
+    def server_metadata(self) -> dict[str, Any]:
+        """RFC 8414 metadata of the exchange server itself."""
+        root = self.config.issuer.rstrip("/")
+        return {
+            "issuer": root,
+            "token_endpoint": f"{root}/token",
+            "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
+            "token_endpoint_auth_methods_supported": self.auth_methods(),
+            "token_endpoint_auth_signing_alg_values_supported": [
+                "RS256",
+                "PS256",
+                "ES256",
+                "EdDSA",
+            ],
+            "response_types_supported": ["token"],
+            "zones": {
+                name: f"{root}/zones/{name}/.well-known/openid-configuration"
+                for name in self.config.zones
+            },
+        }
+
+    def auth_methods(self) -> list[str]:
+        methods = {c.auth for c in self.config.clients.values()} - {"kubernetes", "none"}
+        if any(c.auth == "kubernetes" for c in self.config.clients.values()):
+            methods.add("private_key_jwt")
+        return sorted(methods) or ["client_secret_basic"]

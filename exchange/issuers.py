@@ -1,0 +1,232 @@
+"""Keys of trusted issuers: OIDC discovery then ``jwks_uri``, cached, refetched on an unknown kid.
+
+This is the core's only I/O. Fetches use aiohttp (never pyjwt's blocking ``PyJWKClient``); the
+JWKS dict goes to ``PyJWK``. Rules:
+
+* keys are fresh for the response's ``Cache-Control: max-age`` (bounded), then refreshed;
+* an unknown ``kid`` triggers one refetch, at most every ``min_refresh`` seconds per issuer,
+  so a flood of random kids cannot become a flood of fetches;
+* if the issuer is unreachable, keys already held keep working for ``stale_for`` seconds;
+* a failed fetch with nothing held fails at once with ``TemporarilyUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import jwt
+
+from exchange.errors import InvalidRequest, TemporarilyUnavailable
+
+log = logging.getLogger("zonegate.issuers")
+
+MAX_DOCUMENT_BYTES = 1 << 20
+MIN_MAX_AGE = 60
+FetchObserver = Callable[[str, str], None]  # (issuer, outcome) -> None
+
+
+class FetchFailed(Exception):
+    """A discovery or JWKS document could not be had; the message says why."""
+
+
+def max_age(cache_control: str | None, default: int, upper: int) -> int:
+    """Seconds a document stays fresh per its Cache-Control, within [60, upper]."""
+    if cache_control:
+        if re.search(r"\bno-(cache|store)\b", cache_control):
+            return MIN_MAX_AGE
+        m = re.search(r"\bmax-age=(\d+)", cache_control)
+        if m:
+            return max(MIN_MAX_AGE, min(int(m.group(1)), upper))
+    return min(default, upper)
+
+
+@dataclass
+class _Held:
+    keys: dict[str, jwt.PyJWK]
+    fetched_at: float
+    fresh_until: float
+
+
+class IssuerKeys:
+    """The signing keys of one issuer, fetched through discovery (or a configured jwks_uri)."""
+
+    def __init__(
+        self,
+        issuer: str,
+        fetch: Callable[[str], Awaitable[tuple[dict[str, Any], str | None]]],
+        *,
+        jwks_uri: str | None = None,
+        min_refresh: float = 10.0,
+        max_age: int = 3600,
+        stale_for: int = 86400,
+        observe: FetchObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.issuer = issuer
+        self._fetch = fetch
+        self._jwks_uri = jwks_uri
+        self._min_refresh = min_refresh
+        self._max_age = max_age
+        self._stale_for = stale_for
+        self._observe = observe
+        self._clock = clock
+        self._held: _Held | None = None
+        self._last_attempt: float | None = None
+        self._inflight: asyncio.Future[None] | None = None
+        self.last_error: str | None = None
+
+    @property
+    def held(self) -> int:
+        """How many keys are held now."""
+        return len(self._held.keys) if self._held else 0
+
+    async def key(self, kid: str | None) -> jwt.PyJWK:
+        """The verification key for ``kid`` (None: the issuer's only key), fetching if needed."""
+        now = self._clock()
+        held = self._held
+        if held is None or now >= held.fresh_until:
+            await self._refresh(force=held is None)
+        elif self._lookup(kid) is None and self._may_refetch(now):
+            await self._refresh(force=False)
+        return self._require(kid)
+
+    def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
+        if self._held is None:
+            return None
+        if kid is None:
+            return next(iter(self._held.keys.values())) if len(self._held.keys) == 1 else None
+        return self._held.keys.get(kid)
+
+    def _require(self, kid: str | None) -> jwt.PyJWK:
+        held = self._held
+        if held is None or self._clock() > held.fetched_at + self._max_age + self._stale_for:
+            raise TemporarilyUnavailable(
+                f"signing keys of issuer {self.issuer} cannot be fetched: {self.last_error}",
+                retry_after=max(1, int(self._min_refresh)),
+            )
+        key = self._lookup(kid)
+        if key is not None:
+            return key
+        if kid is None:
+            raise InvalidRequest("token header has no kid and the issuer has more than one key")
+        why = f" (refetch failed: {self.last_error})" if self.last_error else ""
+        raise InvalidRequest(
+            f"token signed with a key (kid) that issuer {self.issuer} does not publish{why}"
+        )
+
+    def _may_refetch(self, now: float) -> bool:
+        return self._last_attempt is None or now - self._last_attempt >= self._min_refresh
+
+    async def _refresh(self, *, force: bool) -> None:
+        """One fetch at a time; concurrent callers wait for it (single-flight)."""
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)
+            return
+        if not force and not self._may_refetch(self._clock()):
+            return
+        if force and self._held is None and not self._may_refetch(self._clock()):
+            return  # nothing held and a fetch just failed: fail fast, don't hammer
+        self._inflight = asyncio.get_running_loop().create_future()
+        try:
+            await self._fetch_keys()
+        finally:
+            self._inflight.set_result(None)
+            self._inflight = None
+
+    async def _fetch_keys(self) -> None:
+        self._last_attempt = self._clock()
+        try:
+            jwks_uri = self._jwks_uri or await self._discover()
+            document, cache_control = await self._fetch(jwks_uri)
+            keys = parse_jwks(document)
+        except FetchFailed as e:
+            self.last_error = str(e)
+            log.warning("issuer %s: key fetch failed: %s", self.issuer, e)
+            self._count("error")
+            return
+        now = self._clock()
+        fresh = max_age(cache_control, self._max_age, self._max_age)
+        self._held = _Held(keys, now, now + fresh)
+        self.last_error = None
+        self._count("ok")
+
+    async def _discover(self) -> str:
+        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        document, _ = await self._fetch(url)
+        if document.get("issuer") != self.issuer:
+            raise FetchFailed(
+                f"discovery document at {url} names issuer {document.get('issuer')!r}"
+            )
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("http://", "https://")):
+            raise FetchFailed(f"discovery document at {url} has no usable jwks_uri")
+        self._jwks_uri = jwks_uri
+        return jwks_uri
+
+    def _count(self, outcome: str) -> None:
+        if self._observe is not None:
+            self._observe(self.issuer, outcome)
+
+
+def parse_jwks(document: dict[str, Any]) -> dict[str, jwt.PyJWK]:
+    """Usable signature keys of a JWKS by kid; private members and odd keys are skipped."""
+    keys = document.get("keys")
+    if not isinstance(keys, list):
+        raise FetchFailed("JWKS document has no keys list")
+    out: dict[str, jwt.PyJWK] = {}
+    for i, jwk in enumerate(keys):
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+            continue
+        if "d" in jwk or jwk.get("kty") == "oct":  # private or symmetric: never a verifier
+            continue
+        try:
+            key = jwt.PyJWK(jwk)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            continue
+        out[str(jwk.get("kid", f"#{i}"))] = key
+    if not out:
+        raise FetchFailed("JWKS document has no usable signature keys")
+    return out
+
+
+class HttpFetcher:
+    """Fetches JSON documents with aiohttp, bounded in size and time."""
+
+    def __init__(self, timeout: float = 5.0, ssl: Any = None) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 2.0))
+        self._ssl = ssl
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, url: str) -> tuple[dict[str, Any], str | None]:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            async with self._session.get(url, ssl=self._ssl, allow_redirects=False) as response:
+                if response.status != 200:
+                    raise FetchFailed(f"GET {url} answered {response.status}")
+                body = await response.content.read(MAX_DOCUMENT_BYTES + 1)
+                cache_control = response.headers.get("Cache-Control")
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise FetchFailed(f"GET {url} failed: {type(e).__name__}: {e}") from e
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise FetchFailed(f"GET {url}: document larger than {MAX_DOCUMENT_BYTES} bytes")
+        try:
+            document = json.loads(body)
+        except ValueError as e:
+            raise FetchFailed(f"GET {url}: not JSON") from e
+        if not isinstance(document, dict):
+            raise FetchFailed(f"GET {url}: not a JSON object")
+        return document, cache_control
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

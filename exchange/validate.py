@@ -1,0 +1,188 @@
+"""Subject and actor token validation (RFC 8693 §2.1, RFC 7519 §7.2). Pure, given the keys.
+
+Every failure is ``InvalidRequest`` (RFC 8693 §2.2.2 says MUST) whose description tells an
+operator why, and never echoes the token.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from exchange.config import TrustedIssuer
+from exchange.errors import InvalidRequest
+
+MAX_KID_LENGTH = 256
+# Key types each algorithm family may verify with: "alg confusion" stops here.
+ALG_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+
+
+@dataclass(frozen=True, slots=True)
+class Unverified:
+    """What a token says about itself before its signature is checked: only used to find keys."""
+
+    header: Mapping[str, Any]
+    claims: Mapping[str, Any]
+    what: str  # "subject_token" or "actor_token", for messages
+
+    @property
+    def issuer(self) -> str:
+        iss = self.claims.get("iss")
+        if not isinstance(iss, str):
+            raise InvalidRequest(f"{self.what} has no iss claim")
+        return iss
+
+    @property
+    def kid(self) -> str | None:
+        kid = self.header.get("kid")
+        if kid is None:
+            return None
+        if not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LENGTH:
+            raise InvalidRequest(f"{self.what} header kid must be a string of 1 to 256 characters")
+        return kid
+
+    @property
+    def alg(self) -> str:
+        alg = self.header.get("alg")
+        if not isinstance(alg, str):
+            raise InvalidRequest(f"{self.what} header has no alg")
+        return alg
+
+
+def peek(token: str, *, what: str, max_size: int) -> Unverified:
+    """Split and decode a compact JWS without trusting it; malformed is invalid_request."""
+    if len(token) > max_size:
+        raise InvalidRequest(f"{what} is larger than {max_size} bytes")
+    if token.count(".") != 2:
+        raise InvalidRequest(f"{what} is not a JWT (compact JWS has three dot-separated parts)")
+    try:
+        header = jwt.get_unverified_header(token)
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError, binascii.Error, json.JSONDecodeError) as e:
+        raise InvalidRequest(f"{what} is not a well-formed JWT: {_reason(e)}") from e
+    if not isinstance(claims, dict):
+        raise InvalidRequest(f"{what} payload is not a JSON object")
+    if "crit" in header:
+        raise InvalidRequest(f"{what} has a crit header; no JWS extensions are understood")
+    return Unverified(header=header, claims=claims, what=what)
+
+
+def verify(
+    token: Unverified,
+    raw: str,
+    key: jwt.PyJWK,
+    *,
+    issuer: TrustedIssuer,
+    now: float,
+    leeway: int,
+) -> dict[str, Any]:
+    """Check signature and claims of a token from ``issuer``; return its claims."""
+    alg = token.alg
+    if alg not in issuer.algorithms:
+        raise InvalidRequest(
+            f"{token.what} alg {alg!r} is not allowed for {issuer.issuer} "
+            f"(allowed: {', '.join(issuer.algorithms)})"
+        )
+    _check_key_fits(token, alg, key)
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            raw,
+            key.key,
+            algorithms=[alg],
+            options={
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
+    except jwt.InvalidSignatureError as e:
+        raise InvalidRequest(f"{token.what} signature does not verify") from e
+    except (jwt.PyJWTError, ValueError, TypeError) as e:
+        raise InvalidRequest(f"{token.what} cannot be verified: {_reason(e)}") from e
+    validate_claims(claims, issuer=issuer, now=now, leeway=leeway, what=token.what)
+    return claims
+
+
+def _check_key_fits(token: Unverified, alg: str, key: jwt.PyJWK) -> None:
+    expected = ALG_KEY_TYPES.get(alg[:2])
+    if expected is None or key.key_type != expected:
+        raise InvalidRequest(f"{token.what} alg {alg} does not match the issuer key type")
+    jwk_alg = getattr(key, "_jwk_data", {}).get("alg")
+    if jwk_alg is not None and jwk_alg != alg:
+        raise InvalidRequest(
+            f"{token.what} alg {alg} differs from the key's declared alg {jwk_alg}"
+        )
+
+
+def validate_claims(
+    claims: Mapping[str, Any], *, issuer: TrustedIssuer, now: float, leeway: int, what: str
+) -> None:
+    """The registered claims (RFC 7519 §4.1) at a given time."""
+    _validate_iss(claims, issuer, what)
+    _validate_exp(claims, now, leeway, what)
+    _validate_nbf(claims, now, leeway, what)
+    _validate_iat(claims, now, leeway, what)
+    _validate_aud(claims, issuer, what)
+
+
+def _validate_iss(claims: Mapping[str, Any], issuer: TrustedIssuer, what: str) -> None:
+    if claims.get("iss") != issuer.issuer:
+        raise InvalidRequest(f"{what} iss is not {issuer.issuer}")
+
+
+def _number(claims: Mapping[str, Any], name: str, what: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{what} {name} claim must be a number")
+    return float(value)
+
+
+def _validate_exp(claims: Mapping[str, Any], now: float, leeway: int, what: str) -> None:
+    exp = _number(claims, "exp", what)
+    if exp is None:
+        raise InvalidRequest(f"{what} has no exp claim")
+    if exp + leeway <= now:
+        raise InvalidRequest(f"{what} expired {int(now - exp)} s ago")
+
+
+def _validate_nbf(claims: Mapping[str, Any], now: float, leeway: int, what: str) -> None:
+    nbf = _number(claims, "nbf", what)
+    if nbf is not None and nbf - leeway > now:
+        raise InvalidRequest(f"{what} is not valid before {int(nbf)} (nbf is in the future)")
+
+
+def _validate_iat(claims: Mapping[str, Any], now: float, leeway: int, what: str) -> None:
+    iat = _number(claims, "iat", what)
+    if iat is not None and iat - leeway > now:
+        raise InvalidRequest(f"{what} was issued in the future (iat)")
+
+
+def _validate_aud(claims: Mapping[str, Any], issuer: TrustedIssuer, what: str) -> None:
+    if issuer.audiences is None:
+        return
+    if not set(audiences_of(claims)) & set(issuer.audiences):
+        raise InvalidRequest(f"{what} aud is not one of {', '.join(issuer.audiences)}")
+
+
+def audiences_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``aud`` claim as a tuple (it may be a string or a list)."""
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return (aud,)
+    if isinstance(aud, list):
+        return tuple(a for a in aud if isinstance(a, str))
+    return ()
+
+
+def _reason(e: Exception) -> str:
+    # Library messages describe the structure, never the token; keep them short.
+    return (str(e) or type(e).__name__)[:200]

@@ -1,0 +1,148 @@
+"""``zonegate``: one command for every program and tool (DESIGN.md "CLI")."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from exchange.configload import ConfigError, load_yaml
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``zonegate`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as e:
+        print(f"zonegate: invalid configuration ({len(e.errors)} problem(s)):", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zonegate", description="zonegate: token-exchange sidecar and exchange server"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, run, text in (
+        ("sidecar", _run_sidecar, "run the sidecar proxy"),
+        ("exchange", _run_exchange, "run the standalone exchange server"),
+        ("injector", _run_injector, "run the Kubernetes mutating admission webhook (TLS)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", required=True, type=Path, help="YAML config file")
+        p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+        p.set_defaults(run=run)
+
+    demo = sub.add_parser("demo", help="everything on 127.0.0.1 in one process")
+    demo.add_argument("--once", action="store_true", help="run the walkthrough and exit")
+    demo.add_argument("--remote", action="store_true", help="use the standalone exchange server")
+    demo.set_defaults(run=_run_demo)
+
+    check = sub.add_parser("check", help="validate a config file (exit 0, or 2 listing errors)")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_run_check)
+
+    keys = sub.add_parser("keys", help="manage zone signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    gen = keys_sub.add_parser("generate", help="write a private key (PEM) for a zone")
+    gen.add_argument("--alg", default="ES256", choices=("ES256", "RS256", "PS256", "EdDSA"))
+    gen.add_argument("--out", required=True, type=Path)
+    gen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    gen.set_defaults(run=_run_keys_generate)
+
+    explain = sub.add_parser("explain", help="dry-run the core's decision, minting nothing")
+    explain.add_argument("--config", required=True, type=Path, help="exchange or sidecar config")
+    explain.add_argument("--subject-token", required=True, help="the token, or @FILE, or - for stdin")
+    explain.add_argument("--audience", action="append", default=[])
+    explain.add_argument("--resource", action="append", default=[])
+    explain.add_argument("--scope")
+    explain.add_argument("--client", help="client_id (default: the only client, or the sidecar's)")
+    explain.set_defaults(run=_run_explain)
+    return parser
+
+
+def _run_sidecar(args: argparse.Namespace) -> int:
+    from sidecar.app import main as sidecar_main
+
+    return sidecar_main(args.config, log_level=args.log_level)
+
+
+def _run_exchange(args: argparse.Namespace) -> int:
+    from exchange.server import main as server_main
+
+    return server_main(args.config, log_level=args.log_level)
+
+
+def _run_injector(args: argparse.Namespace) -> int:
+    from sidecar.inject import main as injector_main
+
+    return injector_main(args.config, log_level=args.log_level)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import main as demo_main
+
+    return demo_main(once=args.once, remote=args.remote)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from exchange.explain import main as explain_main
+
+    return explain_main(args)
+
+
+def config_kind(document: Any) -> str:
+    """Which program a config document is for: sidecar (routes), injector (image), exchange."""
+    if isinstance(document, dict):
+        if "routes" in document:
+            return "sidecar"
+        if "image" in document:
+            return "injector"
+    return "exchange"
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    kind = config_kind(load_yaml(path))
+    if kind == "sidecar":
+        from sidecar.config import load_sidecar_config
+
+        load_sidecar_config(path)
+    elif kind == "injector":
+        from sidecar.inject import load_injector_config
+
+        load_injector_config(path)
+    else:
+        from exchange.config import load_exchange_config
+        from exchange.keys import KeyRing
+
+        KeyRing(load_exchange_config(path))
+    print(f"{path}: valid {kind} config")
+    return 0
+
+
+def _run_keys_generate(args: argparse.Namespace) -> int:
+    from exchange.keys import generate_private_key, signing_key, write_private_key
+
+    out: Path = args.out
+    if out.exists() and not args.force:
+        print(f"zonegate: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    key = generate_private_key(args.alg)
+    write_private_key(key, out)
+    print(f"wrote {args.alg} private key to {out} (kid {signing_key(key, args.alg).kid})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Shared fixtures: a real OpenID Provider on 127.0.0.1 and exchange configs built around it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from exchange.config import ExchangeConfig, parse_exchange_config
+from exchange.core import ExchangeCore
+from exchange.devop import DevOpenIDProvider
+
+NOW = 1_900_000_000.0  # a fixed clock for pure tests
+ServerFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def op(aiohttp_server: ServerFactory) -> DevOpenIDProvider:
+    """The blue zone's OpenID Provider, served over HTTP on 127.0.0.1 (RS256 and ES256 keys)."""
+    provider = DevOpenIDProvider()
+    server: TestServer = await aiohttp_server(provider.app(), host="127.0.0.1")
+    provider.issuer = str(server.make_url("")).rstrip("/")
+    return provider
+
+
+def exchange_document(op: DevOpenIDProvider, **overrides: Any) -> dict[str, Any]:
+    """A complete exchange config document trusting ``op``, with zones red and green."""
+    document: dict[str, Any] = {
+        "issuer": "http://127.0.0.1:8081",
+        "trusted_issuers": [{"issuer": op.issuer, "audiences": ["frontend"]}],
+        "jwks_min_refresh": 0,
+        "zones": {
+            "red": {
+                "audiences": ["billing"],
+                "resources": ["http://billing.red.internal"],
+                "scopes": ["billing:read", "billing:write"],
+                "token_lifetime": 300,
+                "claims": {"sub": "sub", "copy": ["email"]},
+            },
+            "green": {
+                "audiences": ["orders"],
+                "scopes": ["orders:read"],
+                "token_lifetime": 120,
+            },
+        },
+        "clients": [
+            {
+                "client_id": "shop-frontend",
+                "client_secret": "s3cret-shop",
+                "zones": ["red", "green"],
+                "scopes": ["billing:read", "orders:read"],
+            },
+            {
+                "client_id": "reports",
+                "client_secret": "s3cret-reports",
+                "zones": ["green"],
+                "scopes": ["orders:read"],
+                "default_zone": "green",
+            },
+        ],
+    }
+    document.update(overrides)
+    return document
+
+
+def exchange_config(op: DevOpenIDProvider, **overrides: Any) -> ExchangeConfig:
+    """The parsed form of ``exchange_document``."""
+    return parse_exchange_config(exchange_document(op, **overrides), Path.cwd())
+
+
+@pytest.fixture
+async def core(op: DevOpenIDProvider) -> AsyncIterator[ExchangeCore]:
+    """An exchange core trusting ``op``, on the real clock."""
+    c = ExchangeCore(exchange_config(op))
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def now() -> float:
+    """The current time, for tokens minted by ``op`` against the real-clock core."""
+    return time.time()
