@@ -7,6 +7,7 @@ and nothing else.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from aiohttp import web
@@ -25,12 +26,8 @@ def zone_routes(core: Callable[[], ExchangeCore]) -> list[web.RouteDef]:
     def zone_of(request: web.Request) -> str:
         zone = request.match_info["zone"]
         if zone not in core().config.zones:
-            raise web.HTTPNotFound(
-                text=f'{{"error": "not_found", "error_description": "no zone {zone!r}"}}'.replace(
-                    "'", ""
-                ),
-                content_type="application/json",
-            )
+            body = {"error": "not_found", "error_description": f"no zone {zone}"}
+            raise web.HTTPNotFound(text=json.dumps(body), content_type="application/json")
         return zone
 
     async def metadata(request: web.Request) -> web.Response:
