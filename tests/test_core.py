@@ -61,14 +61,18 @@ async def test_exchange_mints_rfc9068_token_verified_by_jwcrypto(
     assert response.to_dict()["token_type"] == "Bearer"
 
 
-async def test_red_token_fails_against_green_jwks(core: ExchangeCore, op: DevOpenIDProvider) -> None:
+async def test_red_token_fails_against_green_jwks(
+    core: ExchangeCore, op: DevOpenIDProvider
+) -> None:
     """Each zone signs with its own keys: a red token does not verify with green's JWKS."""
     response = await core.exchange(request(op.mint()), client="shop-frontend")
     with pytest.raises(Exception, match=r"(?i)key|signature|verif"):
         jwcrypto_verify(response.access_token, core.zone_jwks("green"))
 
 
-async def test_es256_subject_and_requested_jwt_type(core: ExchangeCore, op: DevOpenIDProvider) -> None:
+async def test_es256_subject_and_requested_jwt_type(
+    core: ExchangeCore, op: DevOpenIDProvider
+) -> None:
     """ES256 subjects work, and a requested jwt type is echoed as issued_token_type."""
     response = await core.exchange(
         request(op.mint(alg="ES256"), requested_token_type=TOKEN_TYPE_JWT, audience=("orders",)),
@@ -79,7 +83,9 @@ async def test_es256_subject_and_requested_jwt_type(core: ExchangeCore, op: DevO
     assert jwcrypto_verify(response.access_token, core.zone_jwks("green"))["aud"] == "orders"
 
 
-async def test_lifetime_never_outlives_subject(core: ExchangeCore, op: DevOpenIDProvider, now: float) -> None:
+async def test_lifetime_never_outlives_subject(
+    core: ExchangeCore, op: DevOpenIDProvider, now: float
+) -> None:
     """A subject with 40 s left yields a token with at most 40 s, not the zone's 300 s."""
     response = await core.exchange(request(op.mint({"exp": int(now) + 40})), client="shop-frontend")
     assert 38 <= response.expires_in <= 40
@@ -104,7 +110,9 @@ async def test_policy_refusals(
         await core.exchange(request(op.mint(), **fields), client="shop-frontend")
 
 
-async def test_client_without_zone_is_unauthorized(core: ExchangeCore, op: DevOpenIDProvider) -> None:
+async def test_client_without_zone_is_unauthorized(
+    core: ExchangeCore, op: DevOpenIDProvider
+) -> None:
     """A client not allowed red gets unauthorized_client for a red audience."""
     with pytest.raises(UnauthorizedClient):
         await core.exchange(request(op.mint()), client="reports")
@@ -145,7 +153,9 @@ async def test_delegation_nests_act_and_enforces_may_act(
         )
 
 
-async def test_actor_chain_deeper_than_five_is_refused(core: ExchangeCore, op: DevOpenIDProvider) -> None:
+async def test_actor_chain_deeper_than_five_is_refused(
+    core: ExchangeCore, op: DevOpenIDProvider
+) -> None:
     """A delegation chain of more than 5 actors is invalid_request."""
     chain: dict[str, Any] = {"sub": "a0"}
     for i in range(1, 6):
@@ -171,8 +181,16 @@ def _forge(header: dict[str, Any], claims: Any, signature: bytes = b"sig") -> st
 HOSTILE: list[tuple[str, Any]] = [
     ("not a JWT", lambda op, now: "hello"),
     ("bad base64", lambda op, now: "e30.!!!.e30"),
-    ("payload not an object", lambda op, now: _forge({"alg": "RS256", "kid": op.default_kid}, [1, 2])),
-    ("alg none", lambda op, now: _forge({"alg": "none"}, {"iss": op.issuer, "sub": "x", "exp": now + 60}, b"")),
+    (
+        "payload not an object",
+        lambda op, now: _forge({"alg": "RS256", "kid": op.default_kid}, [1, 2]),
+    ),
+    (
+        "alg none",
+        lambda op, now: _forge(
+            {"alg": "none"}, {"iss": op.issuer, "sub": "x", "exp": now + 60}, b""
+        ),
+    ),
     ("HS256 with the public key", lambda op, now: _hs256_confusion(op, now)),
     ("unknown kid", lambda op, now: op.mint(headers={"kid": "nope"})),
     ("kid with path characters", lambda op, now: op.mint(headers={"kid": "../../etc/passwd"})),
@@ -191,7 +209,9 @@ def _hs256_confusion(op: DevOpenIDProvider, now: float) -> str:
     from cryptography.hazmat.primitives import serialization
 
     key = op.keys[op.kid_for("RS256")].private_key.public_key()
-    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     payload = {"iss": op.issuer, "sub": "alice", "aud": "frontend", "exp": int(now) + 60}
     header = {"alg": "HS256", "kid": op.kid_for("RS256"), "typ": "JWT"}
     signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(payload).encode())
@@ -233,7 +253,7 @@ async def test_issuer_down_keeps_cached_keys_and_fails_fast_on_unknown_kid(
     op.available = False
     await core.exchange(request(op.mint()), client="shop-frontend")
     new_kid = op.rotate("ES256")
-    with pytest.raises(InvalidRequest, match="does not publish.*refetch failed"):
+    with pytest.raises(InvalidRequest, match=r"does not publish.*refetch failed"):
         await core.exchange(request(op.mint(kid=new_kid)), client="shop-frontend")
 
 
@@ -260,7 +280,9 @@ async def test_random_kid_flood_is_rate_limited(op: DevOpenIDProvider) -> None:
         before = op.jwks_fetches
         for i in range(100):
             with pytest.raises(InvalidRequest):
-                await core.exchange(request(op.mint(headers={"kid": f"random-{i}"})), client="shop-frontend")
+                await core.exchange(
+                    request(op.mint(headers={"kid": f"random-{i}"})), client="shop-frontend"
+                )
         assert op.jwks_fetches - before <= 1
     finally:
         await core.close()
