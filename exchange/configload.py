@@ -21,6 +21,9 @@ import yaml
 T = TypeVar("T")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MISSING: Any = object()
+# When a set, every key path read is recorded (``routes[].audience``): the test that keeps the
+# loader, the JSON Schema and docs/configuration.md in agreement switches it on.
+READ_KEYS: set[str] | None = None
 
 
 class ConfigError(Exception):
@@ -56,6 +59,11 @@ class Node:
             data = {}
         self.data: dict[str, Any] = data
 
+    def _read(self, key: str) -> None:
+        self._seen.add(key)
+        if READ_KEYS is not None:
+            READ_KEYS.add(re.sub(r"\[\d+\]", "[]", self.at(key)))
+
     def at(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
@@ -66,11 +74,11 @@ class Node:
         return key in self.data
 
     def raw(self, key: str) -> Any:
-        self._seen.add(key)
+        self._read(key)
         return self.data.get(key)
 
     def _typed(self, key: str, kind: type[T] | tuple[type, ...], name: str, default: Any) -> Any:
-        self._seen.add(key)
+        self._read(key)
         if key not in self.data or self.data[key] is None:
             if default is _MISSING:
                 self.error(key, "required")
@@ -123,7 +131,7 @@ class Node:
 
     def strings(self, key: str, default: Any = _MISSING) -> Any:
         """A list of strings; a single string is accepted as a list of one."""
-        self._seen.add(key)
+        self._read(key)
         if key not in self.data or self.data[key] is None:
             if default is _MISSING:
                 self.error(key, "required")
@@ -168,14 +176,14 @@ class Node:
         return value
 
     def child(self, key: str, *, required: bool = False) -> Node:
-        self._seen.add(key)
+        self._read(key)
         if required and key not in self.data:
             self.error(key, "required")
         return Node(self.data.get(key), self.at(key), self.problems, self.base_dir)
 
     def children(self, key: str, *, required: bool = False) -> Iterator[Node]:
         """The mappings of a list, each at ``key[i]``."""
-        self._seen.add(key)
+        self._read(key)
         value = self.data.get(key)
         if value is None:
             if required:
