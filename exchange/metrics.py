@@ -1,0 +1,54 @@
+"""Exchange-server metrics (DESIGN.md "Metrics", pinned names), in a registry of their own.
+
+Labels are bounded: configured client ids (or ``unknown``), configured zones (or ``none``),
+configured issuer URLs, and RFC error codes. Never a token, never a presented value.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+UNKNOWN_CLIENT = "unknown"
+NO_ZONE = "none"
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ExchangeMetrics:
+    """Counters and histograms of one exchange server."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "zonegate_exchange_requests",
+            "Token exchange requests by client, zone and outcome (ok or the error code).",
+            ["client", "zone", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "zonegate_exchange_duration_seconds",
+            "Time to answer a token exchange request.",
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.jwks_fetches = Counter(
+            "zonegate_jwks_fetches",
+            "Key fetches (discovery + JWKS) from trusted, client and cluster issuers by outcome.",
+            ["issuer", "outcome"],
+            registry=self.registry,
+        )
+
+    def observe_fetch(self, issuer: str, outcome: str) -> None:
+        """The ``observe`` hook of ``exchange.issuers.IssuerKeys``."""
+        self.jwks_fetches.labels(issuer=issuer, outcome=outcome).inc()
+
+    def observe_exchange(self, client: str, zone: str, outcome: str, seconds: float) -> None:
+        """Count one answered token request and its duration."""
+        self.requests.labels(client=client, zone=zone, outcome=outcome).inc()
+        self.duration.observe(seconds)
+
+    def render(self) -> bytes:
+        """The text exposition format of this registry."""
+        return generate_latest(self.registry)
