@@ -1,0 +1,188 @@
+"""The token cache: exchanged tokens by (SHA-256 of the subject token, target, exchange).
+
+* An entry is served until ``min(exchanged exp, subject exp) - expiry_skew`` and never after
+  (``cachetools.TLRUCache`` checks the expiry against the injected clock on every read).
+* At most ``max_entries`` entries; the least recently used goes first.
+* Concurrent misses on one key share one exchange (single-flight).
+* Refresh-ahead: a hit past ``refresh_ahead`` of the entry's life (jittered per entry) starts
+  one background exchange, so a hot token never expires under load. Entries already bound by
+  the subject's own ``exp`` are not refreshed: a new exchange could not outlive them.
+* A subject refused by the exchange (``invalid_request``) is remembered for ``negative_ttl``
+  seconds, so a client retrying a bad token does not hammer the core.
+
+Raw tokens are never keys: a key holds the subject token's SHA-256 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cachetools import TLRUCache
+
+from exchange.errors import ExchangeError, InvalidRequest
+from sidecar.config import CacheSettings, Target
+
+log = logging.getLogger("zonegate.sidecar.cache")
+
+Clock = Callable[[], float]
+CacheEvent = Callable[[str], None]  # hit | miss | coalesced | evicted
+Fetch = Callable[[], Awaitable["Issued"]]
+JITTER = 0.1  # refresh-ahead point moves by up to this fraction of the entry's life
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """What one exchanged token is good for."""
+
+    subject_sha256: str
+    target: Target
+    exchange: str
+
+    @classmethod
+    def of(cls, subject_token: str, target: Target, exchange: str) -> CacheKey:
+        return cls(hashlib.sha256(subject_token.encode()).hexdigest(), target, exchange)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """An exchanged token and the absolute times it and its subject stop being valid."""
+
+    access_token: str = field(repr=False)
+    expires_at: float
+    subject_expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    access_token: str = field(repr=False)
+    serve_until: float
+    refresh_at: float
+
+
+class _Store(TLRUCache[CacheKey, Entry]):
+    """A TLRU cache that reports LRU evictions (not expiries) to ``on_evict``."""
+
+    def __init__(self, maxsize: int, timer: Clock, on_evict: Callable[[], None]) -> None:
+        super().__init__(maxsize, ttu=lambda _k, entry, _now: entry.serve_until, timer=timer)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[CacheKey, Entry]:
+        item = super().popitem()
+        self._on_evict()
+        return item
+
+
+class TokenCache:
+    """Exchanged tokens, served until shortly before they (or their subject) expire."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        *,
+        clock: Clock,
+        on_event: CacheEvent | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._on_event = on_event or (lambda result: None)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
+        self._store = _Store(settings.max_entries, clock, lambda: self._on_event("evicted"))
+        self._refused: TLRUCache[CacheKey, tuple[float, ExchangeError]] = TLRUCache(
+            settings.max_entries, ttu=lambda _k, v, _now: v[0], timer=clock
+        )
+        self._flights: dict[CacheKey, asyncio.Future[Issued]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        self._store.expire()
+        return len(self._store)
+
+    async def get(self, key: CacheKey, fetch: Fetch) -> str:
+        """The token for ``key``: cached, shared with a concurrent miss, or freshly fetched."""
+        refused = self._refused.get(key)
+        if refused is not None:
+            raise refused[1]
+        entry = self._store.get(key)
+        if entry is not None:
+            self._on_event("hit")
+            if self._clock() >= entry.refresh_at:
+                self._refresh(key, fetch)
+            return entry.access_token
+        if key in self._flights:
+            self._on_event("coalesced")
+            issued = await asyncio.shield(self._flights[key])
+        else:
+            self._on_event("miss")
+            issued = await asyncio.shield(self._fly(key, fetch))
+        return issued.access_token
+
+    def evict(self, key: CacheKey) -> None:
+        """Drop an entry an upstream refused, so the next request exchanges afresh."""
+        if self._store.pop(key, None) is not None:
+            self._on_event("evicted")
+
+    async def close(self) -> None:
+        """Cancel background refreshes."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _fly(self, key: CacheKey, fetch: Fetch) -> asyncio.Future[Issued]:
+        """Start the one exchange for ``key``; every waiter shares its result."""
+        future = asyncio.ensure_future(self._fetch_and_store(key, fetch))
+        self._flights[key] = future
+        future.add_done_callback(lambda _f: self._flights.pop(key, None))
+        # A waiter may be cancelled (client gone); the flight's error must not go unobserved.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    async def _fetch_and_store(self, key: CacheKey, fetch: Fetch) -> Issued:
+        try:
+            issued = await fetch()
+        except InvalidRequest as e:
+            until = self._clock() + self.settings.negative_ttl
+            self._refused[key] = (until, e)
+            raise
+        self._store_issued(key, issued)
+        return issued
+
+    def _store_issued(self, key: CacheKey, issued: Issued) -> None:
+        now = self._clock()
+        skew = self.settings.expiry_skew
+        exchanged_until = issued.expires_at - skew
+        subject_until = (
+            float("inf") if issued.subject_expires_at is None else issued.subject_expires_at - skew
+        )
+        serve_until = min(exchanged_until, subject_until)
+        if serve_until <= now:
+            self._store.pop(key, None)
+            return  # usable for this request only
+        refresh_at = float("inf")
+        if exchanged_until < subject_until:  # a new exchange would outlive this one
+            life = serve_until - now
+            fraction = self.settings.refresh_ahead - self._rng.uniform(0, JITTER)
+            refresh_at = now + max(fraction, 0.0) * life
+        self._store[key] = Entry(issued.access_token, serve_until, refresh_at)
+
+    def _refresh(self, key: CacheKey, fetch: Fetch) -> None:
+        if key in self._flights:
+            return
+        task = asyncio.ensure_future(self._refresh_quietly(self._fly(key, fetch)))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _refresh_quietly(flight: asyncio.Future[Issued]) -> None:
+        try:
+            await flight
+        except ExchangeError as e:
+            log.info(
+                "refresh-ahead exchange failed (%s); the entry serves until it expires", e.error
+            )

@@ -1,0 +1,376 @@
+"""The sidecar config (DESIGN.md "Config", sidecar part): typed, frozen, validated at start.
+
+Every problem is reported by its YAML path (``routes[1].upstream: required``), all at once. The
+embedded exchange config is read from ``exchange.config`` (a file, relative to this config's
+folder) or inline from ``exchange.core``; its problems carry the matching prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yarl import URL
+
+from exchange.config import ExchangeConfig, parse_exchange_config, read_exchange
+from exchange.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+from exchange.errors import InvalidRequest
+from exchange.keys import load_private_key
+from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, parse_scope
+
+REQUESTED_TOKEN_TYPES = {
+    "access_token": TOKEN_TYPE_ACCESS_TOKEN,
+    "jwt": TOKEN_TYPE_JWT,
+    TOKEN_TYPE_ACCESS_TOKEN: TOKEN_TYPE_ACCESS_TOKEN,
+    TOKEN_TYPE_JWT: TOKEN_TYPE_JWT,
+}
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+HOST = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a route asks the exchange for (RFC 8693 §2.1): part of the cache key."""
+
+    audience: tuple[str, ...] = ()
+    resource: tuple[str, ...] = ()
+    scope: tuple[str, ...] | None = None
+    requested_token_type: str = TOKEN_TYPE_ACCESS_TOKEN
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedExchange:
+    """The exchange core runs in-process; ``client_id`` names whose policy applies."""
+
+    client_id: str
+    core: ExchangeConfig = field(repr=False)
+    mode = "embedded"
+
+    @property
+    def identity(self) -> str:
+        return f"embedded:{self.client_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteExchange:
+    """An RFC 8693 token endpoint reached over HTTP, with one client credential."""
+
+    client_id: str
+    token_endpoint: str | None = None
+    issuer: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    private_key_file: Path | None = None
+    service_account_token_file: Path | None = None
+    ca_file: Path | None = None
+    timeout: float = 1.0
+    retries: int = 2
+    mode = "remote"
+
+    @property
+    def identity(self) -> str:
+        return f"remote:{self.token_endpoint or self.issuer}:{self.client_id}"
+
+    @property
+    def auth(self) -> str:
+        """The client authentication method the credential implies."""
+        if self.private_key_file is not None:
+            return "private_key_jwt"
+        if self.service_account_token_file is not None:
+            return "kubernetes"
+        return "client_secret_basic"
+
+
+ExchangeSettings = EmbeddedExchange | RemoteExchange
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where matching calls go and which token they carry there."""
+
+    name: str
+    upstream: URL
+    target: Target
+    host: str | None = None
+    path_prefix: str = "/"
+    strip_prefix: bool = False
+    missing_token: str = "reject"
+    exchange: ExchangeSettings | None = None  # None: the top-level exchange
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """Token cache bounds (DESIGN.md "cache")."""
+
+    max_entries: int = 10000
+    expiry_skew: int = 30
+    negative_ttl: float = 5.0
+    refresh_ahead: float = 0.8  # refresh once this fraction of an entry's life has passed
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """How the sidecar talks to upstreams: TLS trust, timeouts and connection pool."""
+
+    ca_file: Path | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    max_connections: int = 256
+    max_connections_per_host: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """Everything ``zonegate sidecar`` needs."""
+
+    routes: tuple[Route, ...]
+    exchange: ExchangeSettings | None = None
+    listen: tuple[str, int] = ("127.0.0.1", 15001)
+    admin_listen: tuple[str, int] = ("0.0.0.0", 15090)
+    cache: CacheSettings = CacheSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    max_header_size: int = 32768
+    shutdown_grace: float = 10.0
+
+    def exchange_for(self, route: Route) -> ExchangeSettings:
+        """The exchange serving a route: its own, else the top-level one."""
+        settings = route.exchange or self.exchange
+        assert settings is not None  # guaranteed by read_sidecar
+        return settings
+
+    def exchanges(self) -> dict[str, ExchangeSettings]:
+        """Every distinct exchange the routes use, by identity."""
+        return {s.identity: s for s in (self.exchange_for(r) for r in self.routes)}
+
+
+def read_sidecar(node: Node) -> SidecarConfig:
+    """Build a SidecarConfig from a document node, recording every problem."""
+    exchange = read_exchange_settings(node.child("exchange")) if node.has("exchange") else None
+    node.raw("exchange")
+    routes = tuple(read_route(i, n) for i, n in enumerate(node.children("routes", required=True)))
+    for i, route in enumerate(routes):
+        if route.exchange is None and exchange is None:
+            node.problems.add(f"routes[{i}].exchange", "required: no top-level exchange is set")
+    _check_unique_names(node, routes)
+    config = SidecarConfig(
+        routes=routes,
+        exchange=exchange,
+        listen=parse_listen(node, "listen", "127.0.0.1:15001"),
+        admin_listen=parse_listen(node, "admin_listen", "0.0.0.0:15090"),
+        cache=_read_cache(node.child("cache")),
+        upstream=_read_upstream(node.child("upstream")),
+        max_header_size=node.integer("max_header_size", 32768, minimum=8190, maximum=1 << 20),
+        shutdown_grace=node.number("shutdown_grace", 10.0, maximum=600),
+    )
+    node.finish()
+    return config
+
+
+def read_exchange_settings(node: Node) -> ExchangeSettings:
+    """``exchange:`` at the top or in a route: embedded or remote."""
+    mode = node.choice("mode", ("embedded", "remote"), "embedded")
+    client_id = node.text("client_id") or ""
+    settings: ExchangeSettings
+    if mode == "remote":
+        settings = _read_remote(node, client_id)
+    else:
+        settings = _read_embedded(node, client_id)
+    node.finish()
+    return settings
+
+
+def _read_embedded(node: Node, client_id: str) -> EmbeddedExchange:
+    if node.has("config") == node.has("core"):
+        node.error("config", "embedded mode needs exactly one of config (a file) or core (inline)")
+        node.raw("core")
+        node.raw("config")
+        return EmbeddedExchange(client_id, _EMPTY_CORE)
+    core = read_exchange(node.child("core")) if node.has("core") else _load_core_file(node)
+    _check_zone_keys(node, core)
+    if client_id and core.clients and client_id not in core.clients:
+        node.error("client_id", f"no client {client_id!r} in the exchange config")
+    return EmbeddedExchange(client_id, core)
+
+
+def _load_core_file(node: Node) -> ExchangeConfig:
+    path = node.path_value("config")
+    if path is None:
+        return _EMPTY_CORE
+    try:
+        return parse_exchange_config(load_yaml(path), path.parent)
+    except ConfigError as e:
+        for line in e.errors:
+            node.error("config", f"{path}: {line}")
+        return _EMPTY_CORE
+
+
+def _check_zone_keys(node: Node, core: ExchangeConfig) -> None:
+    """Signing key files must load now, not at the first request."""
+    for zone in core.zones.values():
+        for key_file in (zone.signing_key_file, zone.next_signing_key_file):
+            if key_file is not None:
+                _check_private_key(node, f"core.zones.{zone.name}", key_file)
+
+
+def _check_private_key(node: Node, key: str, path: Path) -> None:
+    try:
+        load_private_key(path)
+    except ValueError as e:
+        node.error(key, str(e))
+
+
+def _read_remote(node: Node, client_id: str) -> RemoteExchange:
+    settings = RemoteExchange(
+        client_id=client_id,
+        token_endpoint=_url(node, "token_endpoint"),
+        issuer=_url(node, "issuer"),
+        client_secret=node.secret("client_secret"),
+        private_key_file=node.path_value("private_key_file"),
+        service_account_token_file=node.path_value("service_account_token_file"),
+        ca_file=_existing_file(node, "ca_file"),
+        timeout=node.number("timeout", 1.0, minimum=0.05, maximum=30),
+        retries=node.integer("retries", 2, maximum=5),
+    )
+    if (settings.token_endpoint is None) == (settings.issuer is None):
+        node.error("token_endpoint", "remote mode needs exactly one of token_endpoint or issuer")
+    credentials = [
+        k
+        for k, v in (
+            ("client_secret", settings.client_secret),
+            ("private_key_file", settings.private_key_file),
+            ("service_account_token_file", settings.service_account_token_file),
+        )
+        if v is not None
+    ]
+    if len(credentials) != 1:
+        node.error(
+            "client_secret",
+            "remote mode needs exactly one credential: client_secret(_file), private_key_file "
+            f"or service_account_token_file (got {', '.join(credentials) or 'none'})",
+        )
+    if settings.private_key_file is not None:
+        _check_private_key(node, "private_key_file", settings.private_key_file)
+    return settings
+
+
+def read_route(index: int, node: Node) -> Route:
+    """One entry of ``routes``."""
+    name = node.text("name", str(index))
+    if name is not None and not ROUTE_NAME.match(name):
+        node.error("name", "use 1 to 63 letters, digits, '.', '_' or '-' (it is a metric label)")
+    host = node.text("host", None)
+    if host is not None:
+        host = host.lower()
+        if not HOST.match(host):
+            node.error("host", f"must be a host name, optionally with :port, got {host!r}")
+    path_prefix = node.text("path_prefix", "/")
+    if path_prefix is not None and not _is_clean_prefix(path_prefix):
+        node.error("path_prefix", "must start with '/' and hold no '.', '..', '%' or '//' segments")
+    route = Route(
+        name=name or str(index),
+        host=host,
+        path_prefix=path_prefix or "/",
+        strip_prefix=node.flag("strip_prefix", False),
+        upstream=_upstream(node),
+        target=_read_target(node),
+        missing_token=node.choice("missing_token", ("reject", "forward"), "reject"),
+        exchange=read_exchange_settings(node.child("exchange")) if node.has("exchange") else None,
+    )
+    node.raw("exchange")
+    node.finish()
+    return route
+
+
+def _is_clean_prefix(prefix: str) -> bool:
+    if not prefix.startswith("/") or "%" in prefix or "\\" in prefix or "//" in prefix:
+        return False
+    return not any(segment in (".", "..") for segment in prefix.split("/"))
+
+
+def _upstream(node: Node) -> URL:
+    value = node.text("upstream")
+    if value is None:
+        return URL("http://invalid")
+    url = URL(value)
+    if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
+        node.error("upstream", f"must be an http(s) URL without query or fragment, got {value!r}")
+        return URL("http://invalid")
+    return url
+
+
+def _read_target(node: Node) -> Target:
+    scope = node.text("scope", None)
+    scopes: tuple[str, ...] | None = None
+    if scope is not None:
+        try:
+            scopes = parse_scope(scope)
+        except InvalidRequest as e:
+            node.error("scope", e.description)
+    requested = node.choice("requested_token_type", tuple(REQUESTED_TOKEN_TYPES), "access_token")
+    return Target(
+        audience=node.strings("audience", ()),
+        resource=node.strings("resource", ()),
+        scope=scopes,
+        requested_token_type=REQUESTED_TOKEN_TYPES.get(requested or "", TOKEN_TYPE_ACCESS_TOKEN),
+    )
+
+
+def _read_cache(node: Node) -> CacheSettings:
+    settings = CacheSettings(
+        max_entries=node.integer("max_entries", 10000, minimum=1, maximum=10**7),
+        expiry_skew=node.integer("expiry_skew", 30, maximum=3600),
+        negative_ttl=node.number("negative_ttl", 5.0, maximum=300),
+        refresh_ahead=node.number("refresh_ahead", 0.8, minimum=0.1, maximum=1.0),
+    )
+    node.finish()
+    return settings
+
+
+def _read_upstream(node: Node) -> UpstreamSettings:
+    settings = UpstreamSettings(
+        ca_file=_existing_file(node, "ca_file"),
+        connect_timeout=node.number("connect_timeout", 5.0, minimum=0.05, maximum=300),
+        read_timeout=node.number("read_timeout", 60.0, minimum=0.05, maximum=3600),
+        max_connections=node.integer("max_connections", 256, minimum=1, maximum=100000),
+        max_connections_per_host=node.integer(
+            "max_connections_per_host", 64, minimum=1, maximum=100000
+        ),
+    )
+    node.finish()
+    return settings
+
+
+def _url(node: Node, key: str) -> str | None:
+    value: str | None = node.text(key, None)
+    if value is not None and not re.match(r"^https?://[^/\s]+", value):
+        node.error(key, f"must be an http(s) URL, got {value!r}")
+    return value
+
+
+def _existing_file(node: Node, key: str) -> Path | None:
+    path = node.path_value(key)
+    if path is not None and not path.is_file():
+        node.error(key, f"no such file: {path}")
+    return path
+
+
+def _check_unique_names(node: Node, routes: tuple[Route, ...]) -> None:
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        if route.name in seen:
+            node.problems.add(f"routes[{i}].name", f"duplicate route name {route.name!r}")
+        seen.add(route.name)
+
+
+_EMPTY_CORE = ExchangeConfig(issuer="", trusted_issuers=(), zones={}, clients={})
+
+
+def parse_sidecar_config(data: Any, base_dir: Path) -> SidecarConfig:
+    """Validate an already parsed sidecar config document."""
+    return read_document(data, base_dir, read_sidecar)
+
+
+def load_sidecar_config(path: Path) -> SidecarConfig:
+    """Load and validate a sidecar config file; raises ConfigError listing every problem."""
+    return parse_sidecar_config(load_yaml(path), path.parent)

@@ -1,0 +1,93 @@
+"""Sidecar metrics (DESIGN.md "Metrics", pinned names), in a registry of their own.
+
+Labels are bounded sets: route names from the config (or ``none`` for refused requests), HTTP
+status codes, cache results, zone names seen in issued tokens (at most ``MAX_ZONES``, then
+``other``), RFC error codes and the exchange mode. Never a token, never a user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+NO_ROUTE = "none"
+UNKNOWN_ZONE = "unknown"
+MAX_ZONES = 64
+CACHE_RESULTS = ("hit", "miss", "coalesced", "evicted")
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+EXCHANGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class SidecarMetrics:
+    """Counters, gauges and histograms of one sidecar."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, cache_entries: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._zones: set[str] = set()
+        self.requests = Counter(
+            "zonegate_sidecar_requests",
+            "Requests the proxy answered, by route and HTTP status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "zonegate_sidecar_request_duration_seconds",
+            "Time from request to the end of the response, by route.",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.token_cache = Counter(
+            "zonegate_sidecar_token_cache",
+            "Token cache lookups (hit, miss, coalesced into a running exchange) and evictions.",
+            ["result"],
+            registry=self.registry,
+        )
+        for result in CACHE_RESULTS:
+            self.token_cache.labels(result=result)
+        self.cache_entries = Gauge(
+            "zonegate_sidecar_token_cache_entries",
+            "Exchanged tokens held in the cache.",
+            registry=self.registry,
+        )
+        self.cache_entries.set_function(cache_entries)
+        self.exchanges = Counter(
+            "zonegate_sidecar_exchanges",
+            "Token exchanges by zone and outcome (ok or the RFC error code).",
+            ["zone", "outcome"],
+            registry=self.registry,
+        )
+        self.exchange_duration = Histogram(
+            "zonegate_sidecar_exchange_duration_seconds",
+            "Time one token exchange took, by exchange mode (embedded or remote).",
+            ["mode"],
+            buckets=EXCHANGE_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.request_duration.labels(route=route).observe(seconds)
+
+    def observe_cache(self, result: str) -> None:
+        self.token_cache.labels(result=result).inc()
+
+    def observe_exchange(self, zone: str | None, outcome: str, mode: str, seconds: float) -> None:
+        self.exchanges.labels(zone=self._bounded_zone(zone), outcome=outcome).inc()
+        self.exchange_duration.labels(mode=mode).observe(seconds)
+
+    def _bounded_zone(self, zone: str | None) -> str:
+        if zone is None:
+            return UNKNOWN_ZONE
+        if zone in self._zones or len(self._zones) < MAX_ZONES:
+            self._zones.add(zone)
+            return zone
+        return "other"
+
+    def render(self) -> bytes:
+        """The text exposition format of this registry."""
+        return generate_latest(self.registry)

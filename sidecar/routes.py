@@ -1,0 +1,137 @@
+"""The route table: which upstream and which target a call gets. Pure, no I/O.
+
+A request target is first normalised (RFC 3986 §6.2.2: percent-encoded unreserved characters
+decoded, dot segments removed) so ``/green/../red/x`` or ``/green/%2e%2e/red`` is matched,
+and forwarded, as the ``/red/x`` an upstream would see. What cannot be normalised without
+changing its meaning is refused: an encoded ``/`` or ``\\`` (``%2f``, ``%5c``), a raw ``\\``,
+NUL, or a path that climbs above the root. Routes are tried in order; the first match wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from yarl import URL
+
+from sidecar.config import Route
+
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|5[fF]|7[eE]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9])")
+_FORBIDDEN_ESCAPE = re.compile(r"%(2[fF]|5[cC]|00)")
+_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
+
+
+class BadPath(ValueError):
+    """A request target that cannot be routed safely; the message says why (HTTP 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A matched route and the URL to forward to."""
+
+    route: Route
+    url: URL
+
+
+def normalise_path(raw_path: str) -> str:
+    """The normalised form of an encoded path, or BadPath."""
+    if not raw_path.startswith("/"):
+        raise BadPath("the request path must start with '/'")
+    if "\\" in raw_path or "\x00" in raw_path or _ESCAPE.search(raw_path):
+        raise BadPath("the request path holds a backslash, NUL or a broken %-escape")
+    if _FORBIDDEN_ESCAPE.search(raw_path):
+        raise BadPath("encoded '/', '\\' or NUL in the path cannot be routed unambiguously")
+    decoded = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), raw_path)
+    return remove_dot_segments(decoded)
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4, refusing a path that climbs above the root."""
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == "..":
+            if not out:
+                raise BadPath("the request path climbs above '/'")
+            out.pop()
+            if last:
+                out.append("")
+        elif segment == ".":
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out)
+
+
+def split_target(raw_target: str) -> tuple[str, str]:
+    """(encoded path, encoded query) of an origin-form request target."""
+    path, _, query = raw_target.partition("?")
+    return path, query
+
+
+class RouteTable:
+    """Routes in config order; ``match`` returns the first that applies."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+
+    def match(self, host: str | None, raw_target: str, *, absolute_form: bool) -> Match | None:
+        """The route for a request, or None (an open proxy this is not).
+
+        ``host`` is the Host header (origin-form) or the request target's authority
+        (absolute-form, i.e. the app uses us as HTTP_PROXY). Routes without a ``host``
+        serve origin-form requests only.
+        """
+        raw_path, query = split_target(raw_target)
+        path = normalise_path(raw_path or "/")
+        for route in self.routes:
+            if route.host is None and absolute_form:
+                continue
+            if route.host is not None and not host_matches(route.host, host):
+                continue
+            rest = prefix_rest(route.path_prefix, path)
+            if rest is not None:
+                forwarded = rest if route.strip_prefix else path
+                return Match(route, upstream_url(route, forwarded, query))
+        return None
+
+
+def host_matches(pattern: str, host: str | None) -> bool:
+    """A route host without a port matches any port; with a port, only that one."""
+    if host is None:
+        return False
+    host = host.lower().rstrip(".")
+    if ":" in pattern.rsplit("]", 1)[-1]:
+        return host == pattern
+    return _hostname(host) == pattern
+
+
+def _hostname(authority: str) -> str:
+    if authority.startswith("["):
+        return authority.split("]", 1)[0] + "]"
+    return authority.rsplit(":", 1)[0] if ":" in authority else authority
+
+
+def prefix_rest(prefix: str, path: str) -> str | None:
+    """The path after ``prefix`` (starting with '/'), or None when it does not match.
+
+    Matching is by whole segments: ``/green`` and ``/green/`` match ``/green`` and
+    ``/green/x``, never ``/greenhouse``.
+    """
+    base = prefix.rstrip("/")
+    if path == base or path == base + "/":
+        return "/"
+    if path.startswith(base + "/"):
+        return path[len(base) :]
+    return None
+
+
+def upstream_url(route: Route, path: str, query: str) -> URL:
+    """The upstream URL for a (normalised, maybe stripped) path and the original raw query."""
+    target = route.upstream.raw_path.rstrip("/") + path
+    if query:
+        target += "?" + query
+    return URL(str(route.upstream.origin()) + target, encoded=True)
