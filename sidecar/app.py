@@ -1,0 +1,234 @@
+"""The sidecar program: a proxy listener, an admin listener, their lifecycle and readiness.
+
+``build_sidecar(config)`` returns ``(proxy_app, admin_app)``; both share one ``Sidecar`` (under
+``SIDECAR``). Readiness (``/readyz``) is true once the config is loaded, both apps are started
+and every exchanger was reached once (embedded: core built and issuer keys warmed, or tried;
+remote: token endpoint discovered or answering), and false again while draining. A later
+outage of a remote core shows in 503s and metrics, never in readiness: flipping every pod
+unready at once would turn a core outage into a total one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from exchange.httpdocs import zone_routes
+from exchange.logsetup import setup_logging
+from exchange.serving import Listener, run, serve
+from sidecar.cache import Clock, TokenCache
+from sidecar.config import SidecarConfig, load_sidecar_config
+from sidecar.exchanger import EmbeddedExchanger, Exchanger, build_exchanger
+from sidecar.metrics import SidecarMetrics
+from sidecar.proxy import Proxy
+
+log = logging.getLogger("zonegate.sidecar")
+
+REACH_BACKOFF = (0.2, 5.0)  # first and largest pause between attempts to reach an exchanger
+
+
+@dataclass
+class Readiness:
+    """What ``/readyz`` reports."""
+
+    proxy_started: bool = False
+    admin_started: bool = False
+    exchange_reached: bool = False
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self.proxy_started
+            and self.admin_started
+            and self.exchange_reached
+            and not self.draining
+        )
+
+    def drain(self) -> None:
+        self.draining = True
+
+
+class Sidecar:
+    """Everything one sidecar holds: config, routes, cache, exchangers, metrics, readiness."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        clock: Clock = time.time,
+        exchangers: dict[str, Exchanger] | None = None,
+    ) -> None:
+        self.config = config
+        self.readiness = Readiness()
+        self.metrics = SidecarMetrics(lambda: len(self.cache))
+        self.cache = TokenCache(config.cache, clock=clock, on_event=self.metrics.observe_cache)
+        self.exchangers: dict[str, Exchanger] = exchangers or {
+            identity: build_exchanger(settings) for identity, settings in config.exchanges().items()
+        }
+        self.proxy = Proxy(config, self.cache, self.exchangers, self.metrics)
+
+    @property
+    def embedded(self) -> EmbeddedExchanger | None:
+        """The top-level embedded exchanger, whose zone documents the admin listener serves."""
+        top = self.config.exchange
+        exchanger = self.exchangers.get(top.identity) if top is not None else None
+        return exchanger if isinstance(exchanger, EmbeddedExchanger) else None
+
+    async def reach_exchangers(self) -> None:
+        """Try each exchanger until it answers once; then the sidecar may report ready."""
+        for exchanger in self.exchangers.values():
+            pause = REACH_BACKOFF[0]
+            while True:
+                try:
+                    await exchanger.start()
+                    break
+                except Exception as e:  # keep trying: readiness stays false meanwhile
+                    log.warning(
+                        "exchange not reachable yet: %s", e, extra={"exchange": exchanger.identity}
+                    )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, REACH_BACKOFF[1])
+        self.readiness.exchange_reached = True
+        log.info("exchange reached; ready")
+
+    async def close(self) -> None:
+        await self.cache.close()
+        for exchanger in self.exchangers.values():
+            await exchanger.close()
+
+
+SIDECAR = web.AppKey("sidecar", Sidecar)
+
+
+def upstream_session(config: SidecarConfig) -> aiohttp.ClientSession:
+    """The upstream client: no decompression, explicit timeouts, pool limits, big headers."""
+    settings = config.upstream
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=settings.max_connections,
+            limit_per_host=settings.max_connections_per_host,
+        ),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        max_line_size=config.max_header_size,
+        max_field_size=config.max_header_size,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+def _proxy_lifecycle(sidecar: Sidecar) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        upstream = sidecar.config.upstream
+        if upstream.ca_file is not None:
+            sidecar.proxy.upstream.ssl = ssl.create_default_context(cafile=str(upstream.ca_file))
+        sidecar.proxy.upstream.session = upstream_session(sidecar.config)
+        reach = asyncio.ensure_future(sidecar.reach_exchangers())
+        sidecar.readiness.proxy_started = True
+        yield
+        sidecar.readiness.drain()
+        reach.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reach
+        await sidecar.proxy.session.close()
+        await sidecar.close()
+
+    return lifecycle
+
+
+def _admin_lifecycle(sidecar: Sidecar) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        sidecar.readiness.admin_started = True
+        yield
+        sidecar.readiness.drain()
+
+    return lifecycle
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: see the module docstring."""
+    readiness = request.app[SIDECAR].readiness
+    body = {
+        "ready": readiness.ready,
+        "checks": {
+            "proxy_listener": readiness.proxy_started,
+            "admin_listener": readiness.admin_started,
+            "exchange_reached": readiness.exchange_reached,
+            "draining": readiness.draining,
+        },
+    }
+    return web.json_response(body, status=200 if readiness.ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this sidecar's own registry."""
+    sidecar = request.app[SIDECAR]
+    return web.Response(
+        body=sidecar.metrics.render(), headers={"Content-Type": sidecar.metrics.content_type}
+    )
+
+
+def build_sidecar(
+    config: SidecarConfig,
+    *,
+    clock: Clock = time.time,
+    exchangers: dict[str, Exchanger] | None = None,
+) -> tuple[web.Application, web.Application]:
+    """The proxy app and the admin app of one sidecar, ready to be served (or test-served)."""
+    sidecar = Sidecar(config, clock=clock, exchangers=exchangers)
+    header_limits = {
+        "max_line_size": config.max_header_size,
+        "max_field_size": config.max_header_size,
+    }
+    proxy_app = web.Application(middlewares=[sidecar.proxy.middleware], handler_args=header_limits)
+    proxy_app[SIDECAR] = sidecar
+    proxy_app.cleanup_ctx.append(_proxy_lifecycle(sidecar))
+
+    admin_app = web.Application()
+    admin_app[SIDECAR] = sidecar
+    admin_app.add_routes(
+        [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
+    )
+    embedded = sidecar.embedded
+    if embedded is not None:
+        admin_app.add_routes(zone_routes(lambda: embedded.core))
+    admin_app.cleanup_ctx.append(_admin_lifecycle(sidecar))
+    return proxy_app, admin_app
+
+
+async def serve_sidecar(config: SidecarConfig) -> int:
+    """Serve both listeners until SIGTERM/SIGINT, then drain and return 0."""
+    proxy_app, admin_app = build_sidecar(config)
+    sidecar = proxy_app[SIDECAR]
+    return await serve(
+        [
+            Listener("sidecar", proxy_app, *config.listen),
+            Listener("admin", admin_app, *config.admin_listen),
+        ],
+        grace=config.shutdown_grace,
+        on_drain=sidecar.readiness.drain,
+    )
+
+
+def main(config_path: Path, *, log_level: str = "INFO") -> int:
+    """``zonegate sidecar --config F``."""
+    setup_logging(log_level)
+    config = load_sidecar_config(config_path)
+    return run(serve_sidecar(config))
