@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import urllib.parse
@@ -121,7 +122,7 @@ class Runtime:
     metrics: ExchangeMetrics
     config_path: Path | None = None
     ready: bool = False
-    _retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    _retiring: dict[asyncio.Task[None], Service] = field(default_factory=dict)
 
     async def reload(self) -> bool:
         """SIGHUP: re-read config and keys; an invalid config is refused and the old one serves."""
@@ -164,17 +165,23 @@ class Runtime:
             await old.close()
 
         task = asyncio.get_running_loop().create_task(later())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = old
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def close(self) -> None:
-        for task in list(self._retiring):
+        """Close the current service and any replaced one still waiting out its grace."""
+        retiring = list(self._retiring.items())
+        for task, _ in retiring:
             task.cancel()
+        for _, old in retiring:
+            await old.close()
         await self.service.close()
 
 
 RUNTIME = web.AppKey("zonegate.exchange.runtime", Runtime)
-CLIENT_ID = "zonegate.client_id"  # request-scoped: the authenticated client, for the access log
+# The authenticated client of the request being answered, for its access line. A ContextVar
+# (not request storage) works on every aiohttp version: handler and middleware share a task.
+CLIENT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("client_id", default=None)
 
 
 async def _warm(core: ExchangeCore) -> None:
@@ -254,7 +261,8 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     outcome.subject = subject_hash(exchange_request.subject_token)
     presented = presented_credentials(request.headers.get(hdrs.AUTHORIZATION), form)
     client = await service.auth.authenticate(presented)
-    request[CLIENT_ID] = outcome.client = client.client_id
+    outcome.client = client.client_id
+    CLIENT_ID.set(client.client_id)
     outcome.zone = service.zone_of(exchange_request, client)
     service.limiter.check(client.client_id)
     response = await service.core.exchange(exchange_request, client=client)
@@ -315,6 +323,7 @@ async def log_requests(request: web.Request, handler: Handler) -> web.StreamResp
     """One JSON line per request: method, path (never the query), status, duration, client."""
     started = time.perf_counter()
     status = 500
+    CLIENT_ID.set(None)
     try:
         response = await handler(request)
         status = response.status
@@ -327,7 +336,7 @@ async def log_requests(request: web.Request, handler: Handler) -> web.StreamResp
                 "path": request.path[:MAX_LOGGED_PATH],
                 "status": status,
                 "duration": round(time.perf_counter() - started, 6),
-                "client": request.get(CLIENT_ID),
+                "client": CLIENT_ID.get(),
             },
         )
 
