@@ -1,0 +1,689 @@
+"""Kubernetes mutating admission webhook: the zonegate sidecar for opted-in pods.
+
+The decision is pure: ``answer_review(body, config)`` turns the bytes of an AdmissionReview v1
+into the AdmissionReview to send back (a JSONPatch, or a refusal whose message names the
+cause) and raises ``InvalidReview`` for a request that is not an AdmissionReview at all. The
+I/O edge is an aiohttp app on ``POST /mutate`` served over TLS; the certificate and key are
+reloaded when their files change (cert-manager renews them in place) and on SIGHUP.
+
+DESIGN.md "Kubernetes" pins the contract: label ``zonegate.io/inject: "true"`` opts in, the
+annotation ``zonegate.io/config`` names the ConfigMap, ``zonegate.io/status: injected`` marks
+the pod, and the sidecar is a native sidecar (an init container with ``restartPolicy: Always``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import re
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from exchange.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+
+log = logging.getLogger("zonegate.injector")
+
+INJECT_LABEL = "zonegate.io/inject"
+CONFIG_ANNOTATION = "zonegate.io/config"
+STATUS_ANNOTATION = "zonegate.io/status"
+STATUS_INJECTED = "injected"
+SIDECAR_NAME = "zonegate"
+CONFIG_VOLUME = "zonegate-config"
+TOKEN_VOLUME = "zonegate-token"
+SIDECAR_CONFIG_FILE = "sidecar.yaml"
+REVIEW_API_VERSION = "admission.k8s.io/v1"
+MAX_REVIEW_BYTES = 8 << 20  # pods are at most ~1.5 MiB in etcd; leave room, refuse beyond
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
+RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
+PULL_POLICIES = ("IfNotPresent", "Always", "Never")
+OPERATIONS = ("CREATE", "UPDATE", "DELETE", "CONNECT")
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenProjection:
+    """A projected service-account token the sidecar presents to a remote exchange server."""
+
+    audience: str = "zonegate"
+    expiration_seconds: int = 3600
+    mount_path: str = "/var/run/secrets/zonegate/serviceaccount"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProxyEnv:
+    """``HTTP_PROXY``/``NO_PROXY`` on app containers, for apps that call plain-http backends."""
+
+    no_proxy: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InjectorConfig:
+    """What the webhook listens on and what sidecar it adds."""
+
+    image: str
+    tls_cert_file: Path
+    tls_key_file: Path
+    listen: tuple[str, int] = ("0.0.0.0", 8443)
+    tls_reload_interval: float = 10.0
+    image_pull_policy: str = "IfNotPresent"
+    proxy_port: int = 15001
+    admin_port: int = 15090
+    config_mount_path: str = "/etc/zonegate"
+    resources: dict[str, dict[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "20m", "memory": "48Mi"}}
+    )
+    service_account_token: TokenProjection | None = None
+    http_proxy: HttpProxyEnv | None = None
+    cluster_domain: str = "cluster.local"
+
+    @property
+    def sidecar_config_path(self) -> str:
+        return f"{self.config_mount_path.rstrip('/')}/{SIDECAR_CONFIG_FILE}"
+
+
+def read_injector(node: Node) -> InjectorConfig:
+    """Build an InjectorConfig from a document node, recording every problem."""
+    image = node.text("image")
+    if image is not None and not image.strip():
+        node.error("image", "must name the sidecar image, e.g. ghcr.io/zonegate/zonegate:0.1.0")
+    sidecar = node.child("sidecar")
+    config = InjectorConfig(
+        image=image or "",
+        tls_cert_file=_required_path(node, "tls_cert_file"),
+        tls_key_file=_required_path(node, "tls_key_file"),
+        listen=parse_listen(node, "listen", "0.0.0.0:8443"),
+        tls_reload_interval=node.number("tls_reload_interval", 10.0, minimum=0.05, maximum=3600),
+        image_pull_policy=node.choice("image_pull_policy", PULL_POLICIES, "IfNotPresent"),
+        proxy_port=sidecar.integer("proxy_port", 15001, minimum=1, maximum=65535),
+        admin_port=sidecar.integer("admin_port", 15090, minimum=1, maximum=65535),
+        config_mount_path=_absolute(sidecar, "config_mount_path", "/etc/zonegate"),
+        resources=_read_resources(sidecar.child("resources")),
+        service_account_token=_read_token(node.child("service_account_token")),
+        http_proxy=_read_http_proxy(node.child("http_proxy")),
+        cluster_domain=node.text("cluster_domain", "cluster.local"),
+    )
+    if config.proxy_port == config.admin_port:
+        sidecar.error("admin_port", f"must differ from proxy_port ({config.proxy_port})")
+    sidecar.finish()
+    node.finish()
+    return config
+
+
+def _required_path(node: Node, key: str) -> Path:
+    if not node.has(key):
+        node.error(
+            key, "required: the webhook serves TLS only (the API server accepts nothing else)"
+        )
+    return node.path_value(key) or Path()
+
+
+def _absolute(node: Node, key: str, default: str) -> str:
+    value: str = node.text(key, default) or default
+    if not value.startswith("/"):
+        node.error(key, f"must be an absolute path inside the container, got {value!r}")
+    return value
+
+
+def _read_resources(node: Node) -> dict[str, dict[str, str]]:
+    if not node.data:
+        node.finish()
+        return {"requests": {"cpu": "20m", "memory": "48Mi"}}
+    out: dict[str, dict[str, str]] = {}
+    for kind in ("requests", "limits"):
+        amounts = node.child(kind)
+        for name in RESOURCE_NAMES:
+            value = amounts.raw(name)
+            if value is None:
+                continue
+            if not QUANTITY.match(str(value)):
+                amounts.error(
+                    name, f"must be a Kubernetes quantity such as 20m or 48Mi, got {value!r}"
+                )
+            out.setdefault(kind, {})[name] = str(value)
+        amounts.finish()
+    node.finish()
+    return out
+
+
+def _read_token(node: Node) -> TokenProjection | None:
+    enabled = node.flag("enabled", bool(node.data))
+    projection = TokenProjection(
+        audience=node.text("audience", "zonegate"),
+        expiration_seconds=node.integer("expiration_seconds", 3600, minimum=600, maximum=2**32),
+        mount_path=_absolute(node, "mount_path", "/var/run/secrets/zonegate/serviceaccount"),
+    )
+    node.finish()
+    return projection if enabled else None
+
+
+def _read_http_proxy(node: Node) -> HttpProxyEnv | None:
+    enabled = node.flag("enabled", False)
+    env = HttpProxyEnv(no_proxy=tuple(node.strings("no_proxy", ())))
+    node.finish()
+    return env if enabled else None
+
+
+def parse_injector_config(data: Any, base_dir: Path) -> InjectorConfig:
+    """Validate an already parsed injector config document."""
+    return read_document(data, base_dir, read_injector)
+
+
+def load_injector_config(path: Path) -> InjectorConfig:
+    """Load and validate an injector config file; raises ConfigError listing every problem."""
+    return parse_injector_config(load_yaml(path), path.parent)
+
+
+# --- the review (pure) -----------------------------------------------------------------------
+
+
+class InvalidReview(Exception):
+    """The body is not an AdmissionReview v1 we can answer: HTTP 400, no review in reply."""
+
+
+class Refused(Exception):
+    """The pod opted in but cannot get the sidecar; the API server refuses it with this text."""
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """The parts of an AdmissionReview request the webhook reads."""
+
+    uid: str
+    operation: str
+    namespace: str
+    kind: str
+    pod: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The webhook's answer for one review, and why (for the log line)."""
+
+    uid: str
+    outcome: str  # injected | skipped | already-injected | refused
+    reason: str
+    patch: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.outcome != "refused"
+
+
+def parse_review(body: bytes) -> Review:
+    """Read the AdmissionReview v1 request, or raise InvalidReview saying what is wrong."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidReview(f"body is not JSON: {e}") from e
+    if not isinstance(document, dict):
+        raise InvalidReview("body must be a JSON object (an AdmissionReview)")
+    if (
+        document.get("apiVersion") != REVIEW_API_VERSION
+        or document.get("kind") != "AdmissionReview"
+    ):
+        raise InvalidReview(
+            f"expected apiVersion {REVIEW_API_VERSION} kind AdmissionReview, got "
+            f"apiVersion {document.get('apiVersion')!r} kind {document.get('kind')!r}"
+        )
+    request = document.get("request")
+    if not isinstance(request, dict):
+        raise InvalidReview("AdmissionReview has no request")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise InvalidReview("request.uid is missing")
+    operation = request.get("operation")
+    if operation not in OPERATIONS:
+        raise InvalidReview(f"request.operation must be one of {', '.join(OPERATIONS)}")
+    kind = request.get("kind")
+    if not isinstance(kind, dict) or not isinstance(kind.get("kind"), str):
+        raise InvalidReview("request.kind must be a GroupVersionKind object")
+    pod = request.get("object")
+    if operation in ("CREATE", "UPDATE") and not isinstance(pod, dict):
+        raise InvalidReview(f"request.object is missing for operation {operation}")
+    return Review(
+        uid=uid,
+        operation=operation,
+        namespace=str(request.get("namespace") or ""),
+        kind=kind["kind"],
+        pod=pod if isinstance(pod, dict) else None,
+    )
+
+
+def decide(review: Review, config: InjectorConfig) -> Decision:
+    """Inject, skip or refuse the pod in ``review``."""
+    if review.kind != "Pod" or review.operation != "CREATE" or review.pod is None:
+        return Decision(
+            review.uid, "skipped", f"not a pod creation ({review.kind} {review.operation})"
+        )
+    try:
+        return _decide_pod(review.uid, review.pod, config)
+    except Refused as e:
+        return Decision(review.uid, "refused", str(e))
+
+
+def _decide_pod(uid: str, pod: dict[str, Any], config: InjectorConfig) -> Decision:
+    if _mapping(_mapping(pod, "metadata"), "labels").get(INJECT_LABEL) != "true":
+        return Decision(uid, "skipped", f"pod has no label {INJECT_LABEL}=true")
+    if _already_injected(pod):
+        return Decision(uid, "already-injected", "sidecar already present")
+    return Decision(uid, "injected", "sidecar added", tuple(pod_patch(pod, config)))
+
+
+def admission_response(decision: Decision) -> dict[str, Any]:
+    """The AdmissionReview v1 to send back to the API server."""
+    response: dict[str, Any] = {"uid": decision.uid, "allowed": decision.allowed}
+    if decision.patch:
+        raw = json.dumps(list(decision.patch), separators=(",", ":")).encode()
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(raw).decode()
+    if not decision.allowed:
+        response["status"] = {
+            "status": "Failure",
+            "code": 403,
+            "reason": "Forbidden",
+            "message": f"zonegate sidecar injection refused: {decision.reason}",
+        }
+    return {"apiVersion": REVIEW_API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+def answer_review(body: bytes, config: InjectorConfig) -> tuple[dict[str, Any], Review, Decision]:
+    """Bytes of an AdmissionReview in; the reply, the review and the decision out.
+
+    Raises InvalidReview for a body that is not an AdmissionReview v1 request.
+    """
+    review = parse_review(body)
+    decision = decide(review, config)
+    return admission_response(decision), review, decision
+
+
+def _mapping(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Refused(f"{key} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _list(parent: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = parent.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise Refused(f"{key} must be a list of objects")
+    return value
+
+
+def _already_injected(pod: dict[str, Any]) -> bool:
+    annotations = _mapping(_mapping(pod, "metadata"), "annotations")
+    if annotations.get(STATUS_ANNOTATION) == STATUS_INJECTED:
+        return True
+    spec = _mapping(pod, "spec")
+    names = (c.get("name") for key in ("initContainers", "containers") for c in _list(spec, key))
+    return SIDECAR_NAME in names
+
+
+# --- the patch (pure) ------------------------------------------------------------------------
+
+
+def pointer(*parts: str | int) -> str:
+    """A JSON Pointer (RFC 6901): '~' becomes '~0' and '/' becomes '~1' in each part."""
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def pod_patch(pod: dict[str, Any], config: InjectorConfig) -> list[dict[str, Any]]:
+    """The JSONPatch (RFC 6902) that adds the sidecar to ``pod``; Refused when it cannot."""
+    metadata, spec = _mapping(pod, "metadata"), _mapping(pod, "spec")
+    config_map = _config_map_name(_mapping(metadata, "annotations"))
+    _check_pod(spec, config)
+    volumes = [{"name": CONFIG_VOLUME, "configMap": {"name": config_map}}]
+    if config.service_account_token is not None:
+        volumes.append(_token_volume(config.service_account_token))
+    patch = [
+        *_insert_first(spec, "initContainers", sidecar_container(config)),
+        *_append_all(spec, ("spec",), "volumes", volumes),
+        *_proxy_env_patch(spec, config),
+        *_annotations_patch(_new_annotations(metadata, config)),
+    ]
+    return patch
+
+
+def _config_map_name(annotations: dict[str, Any]) -> str:
+    name = annotations.get(CONFIG_ANNOTATION)
+    if name is None:
+        raise Refused(
+            f"pod is labelled {INJECT_LABEL}=true but has no annotation {CONFIG_ANNOTATION} "
+            f"naming the ConfigMap that holds {SIDECAR_CONFIG_FILE}; add the annotation, or "
+            "remove the label"
+        )
+    if not isinstance(name, str) or len(name) > 253 or not DNS_SUBDOMAIN.match(name):
+        raise Refused(f"annotation {CONFIG_ANNOTATION}={name!r} is not a valid ConfigMap name")
+    return name
+
+
+def _check_pod(spec: dict[str, Any], config: InjectorConfig) -> None:
+    if spec.get("hostNetwork") is True:
+        raise Refused("pod uses hostNetwork: the sidecar would listen on the node's own ports")
+    taken = {v.get("name") for v in _list(spec, "volumes")}
+    for name in (CONFIG_VOLUME, TOKEN_VOLUME):
+        if name in taken:
+            raise Refused(f"pod already has a volume named {name!r}, which the sidecar needs")
+    wanted = {config.proxy_port: "proxy", config.admin_port: "admin"}
+    for container in _containers(spec):
+        for port in _list(container, "ports"):
+            if port.get("containerPort") in wanted:
+                number = port["containerPort"]
+                raise Refused(
+                    f"container {container.get('name')!r} uses port {number}, the sidecar's "
+                    f"{wanted[number]} port; change sidecar.{wanted[number]}_port in the injector "
+                    "config or the container's port"
+                )
+
+
+def _containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from _list(spec, "initContainers")
+    yield from _list(spec, "containers")
+
+
+def sidecar_container(config: InjectorConfig) -> dict[str, Any]:
+    """The native sidecar: an init container that keeps running (restartPolicy Always)."""
+    readyz = {"httpGet": {"path": "/readyz", "port": "zonegate-admin"}}
+    mounts: list[dict[str, Any]] = [
+        {"name": CONFIG_VOLUME, "mountPath": config.config_mount_path, "readOnly": True}
+    ]
+    if config.service_account_token is not None:
+        mounts.append(
+            {
+                "name": TOKEN_VOLUME,
+                "mountPath": config.service_account_token.mount_path,
+                "readOnly": True,
+            }
+        )
+    return {
+        "name": SIDECAR_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": ["sidecar", "--config", config.sidecar_config_path],
+        "restartPolicy": "Always",
+        "ports": [
+            {"name": "zonegate-proxy", "containerPort": config.proxy_port, "protocol": "TCP"},
+            {"name": "zonegate-admin", "containerPort": config.admin_port, "protocol": "TCP"},
+        ],
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+        ],
+        # Startup gates the app containers: they start once the sidecar answers /readyz.
+        "startupProbe": {
+            **readyz,
+            "periodSeconds": 1,
+            "timeoutSeconds": 1,
+            "failureThreshold": 120,
+        },
+        "readinessProbe": {
+            **readyz,
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "zonegate-admin"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "resources": config.resources,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+    }
+
+
+def _field_env(name: str, field_path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
+
+
+def _token_volume(token: TokenProjection) -> dict[str, Any]:
+    source = {
+        "audience": token.audience,
+        "expirationSeconds": token.expiration_seconds,
+        "path": "token",
+    }
+    return {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": source}]}}
+
+
+def _insert_first(spec: dict[str, Any], key: str, value: dict[str, Any]) -> list[dict[str, Any]]:
+    if key not in spec:
+        return [{"op": "add", "path": pointer("spec", key), "value": [value]}]
+    return [{"op": "add", "path": pointer("spec", key, 0), "value": value}]
+
+
+def _append_all(
+    parent: dict[str, Any], at: tuple[str | int, ...], key: str, values: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Append ``values`` to the list ``parent[key]``, creating it when absent."""
+    if not values:
+        return []
+    if parent.get(key) is None:
+        return [{"op": "add", "path": pointer(*at, key), "value": values}]
+    return [{"op": "add", "path": pointer(*at, key, "-"), "value": v} for v in values]
+
+
+def proxy_env(config: InjectorConfig, http_proxy: HttpProxyEnv) -> list[dict[str, str]]:
+    """``HTTP_PROXY`` at the sidecar, and ``NO_PROXY`` for loopback and the cluster's services."""
+    proxy = f"http://127.0.0.1:{config.proxy_port}"
+    service_domains = (".svc", f".svc.{config.cluster_domain}")
+    no_proxy = ",".join(("localhost", "127.0.0.1", "::1", *service_domains, *http_proxy.no_proxy))
+    # Lower-case too: curl and several libraries read only http_proxy/no_proxy.
+    pairs = (
+        ("HTTP_PROXY", proxy),
+        ("http_proxy", proxy),
+        ("NO_PROXY", no_proxy),
+        ("no_proxy", no_proxy),
+    )
+    return [{"name": name, "value": value} for name, value in pairs]
+
+
+def _proxy_env_patch(spec: dict[str, Any], config: InjectorConfig) -> list[dict[str, Any]]:
+    if config.http_proxy is None:
+        return []
+    env = proxy_env(config, config.http_proxy)
+    patch: list[dict[str, Any]] = []
+    for i, container in enumerate(_list(spec, "containers")):
+        present = {e.get("name") for e in _list(container, "env")}
+        missing = [e for e in env if e["name"] not in present]  # the app's own win
+        patch += _append_all(container, ("spec", "containers", i), "env", missing)
+    return patch
+
+
+def _new_annotations(metadata: dict[str, Any], config: InjectorConfig) -> dict[str, str]:
+    annotations = _mapping(metadata, "annotations")
+    new = {STATUS_ANNOTATION: STATUS_INJECTED}
+    # An app that already asks to be scraped keeps its own target; the PodMonitor finds ours.
+    if not any(key.startswith("prometheus.io/") for key in annotations):
+        new |= {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(config.admin_port),
+            "prometheus.io/path": "/metrics",
+        }
+    return new
+
+
+def _annotations_patch(new: dict[str, str]) -> list[dict[str, Any]]:
+    # The map exists: the zonegate.io/config annotation was required to get here.
+    return [
+        {"op": "add", "path": pointer("metadata", "annotations", key), "value": value}
+        for key, value in new.items()
+    ]
+
+
+# --- TLS with reload -------------------------------------------------------------------------
+
+
+class ReloadingTls:
+    """A server SSLContext whose certificate and key follow their files."""
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file, self.key_file = cert_file, key_file
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._stamp: tuple[int, ...] | None = None
+        try:
+            self.reload()
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                [f"tls_cert_file/tls_key_file: cannot load {cert_file} and {key_file}: {e}"]
+            ) from e
+
+    def _current_stamp(self) -> tuple[int, ...]:
+        stats = (os.stat(self.cert_file), os.stat(self.key_file))
+        return tuple(n for s in stats for n in (s.st_ino, s.st_mtime_ns, s.st_size))
+
+    def reload(self) -> bool:
+        """Load the files when they changed; True when a new certificate is in use."""
+        stamp = self._current_stamp()
+        if stamp == self._stamp:
+            return False
+        # Check the pair on a scratch context first: a half-rotated pair must not break the
+        # live one, whose certificate would otherwise no longer match its key.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+        self.context.load_cert_chain(self.cert_file, self.key_file)
+        self._stamp = stamp
+        return True
+
+    def try_reload(self) -> None:
+        """Reload, logging instead of raising: the old certificate keeps serving meanwhile."""
+        try:
+            if self.reload():
+                log.info("webhook certificate loaded", extra={"cert_file": str(self.cert_file)})
+        except (OSError, ssl.SSLError) as e:
+            log.warning("webhook certificate not reloaded, keeping the old one: %s", e)
+
+
+# --- HTTP ------------------------------------------------------------------------------------
+
+CONFIG_KEY = web.AppKey("injector_config", InjectorConfig)
+TLS_KEY = web.AppKey("injector_tls", ReloadingTls)
+
+
+async def mutate(request: web.Request) -> web.Response:
+    """``POST /mutate``: answer one AdmissionReview."""
+    if request.content_type != "application/json":
+        return _error(415, f"Content-Type must be application/json, got {request.content_type!r}")
+    try:
+        reply, review, decision = answer_review(await request.read(), request.app[CONFIG_KEY])
+    except InvalidReview as e:
+        log.warning("invalid admission review: %s", e)
+        return _error(400, str(e))
+    _log_decision(review, decision)
+    return web.json_response(reply)
+
+
+def _log_decision(review: Review, decision: Decision) -> None:
+    """One line per review; the pod is named, never its env values."""
+    metadata = (review.pod or {}).get("metadata")
+    name = (
+        metadata.get("name") or metadata.get("generateName") if isinstance(metadata, dict) else None
+    )
+    level = logging.WARNING if decision.outcome == "refused" else logging.INFO
+    log.log(
+        level,
+        "admission review",
+        extra={
+            "uid": decision.uid,
+            "namespace": review.namespace,
+            "pod": name,
+            "outcome": decision.outcome,
+            "reason": decision.reason,
+        },
+    )
+
+
+def _error(status: int, description: str) -> web.Response:
+    return web.json_response(
+        {"error": "invalid_request", "error_description": description}, status=status
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness and readiness: the process answers, and its certificate loaded at start."""
+    return web.json_response({"status": "ok"})
+
+
+def make_app(config: InjectorConfig, tls: ReloadingTls | None = None) -> web.Application:
+    """The webhook app; with ``tls`` it polls the certificate files for changes."""
+    app = web.Application(client_max_size=MAX_REVIEW_BYTES)
+    app[CONFIG_KEY] = config
+    app.router.add_post("/mutate", mutate)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", healthz)
+    if tls is not None:
+        app[TLS_KEY] = tls
+        app.cleanup_ctx.append(_watch_tls)
+    return app
+
+
+async def _watch_tls(app: web.Application) -> AsyncIterator[None]:
+    tls, interval = app[TLS_KEY], app[CONFIG_KEY].tls_reload_interval
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            tls.try_reload()
+
+    task = asyncio.create_task(poll())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def main(config_path: Path, *, log_level: str) -> int:
+    """``zonegate injector --config F``: serve the webhook over TLS until SIGTERM."""
+    from exchange.logsetup import setup_logging
+    from exchange.serving import Listener, run, serve
+
+    setup_logging(log_level)
+    config = load_injector_config(config_path)
+    tls = ReloadingTls(config.tls_cert_file, config.tls_key_file)
+    host, port = config.listen
+
+    async def on_hup() -> None:
+        tls.try_reload()
+
+    listener = Listener("injector", make_app(config, tls), host, port, ssl_context=tls.context)
+    return run(serve([listener], grace=5.0, on_hup=on_hup))
+
+
+__all__ = [
+    "Decision",
+    "InjectorConfig",
+    "InvalidReview",
+    "admission_response",
+    "answer_review",
+    "decide",
+    "load_injector_config",
+    "main",
+    "make_app",
+    "parse_injector_config",
+    "parse_review",
+    "pod_patch",
+    "pointer",
+]
