@@ -201,7 +201,12 @@ def server_document(
     """``exchange_document`` plus a client for every authentication method."""
     document = exchange_document(op, issuer=url, listen="127.0.0.1:0")
     document["clients"] += [
-        {"client_id": WEIRD_ID, "client_secret": WEIRD_SECRET, "zones": ["red"]},
+        {
+            "client_id": WEIRD_ID,
+            "client_secret": WEIRD_SECRET,
+            "zones": ["red"],
+            "scopes": ["billing:read"],
+        },
         {
             "client_id": "poster",
             "auth": "client_secret_post",
