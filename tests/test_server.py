@@ -169,22 +169,19 @@ class Exchange:
             body = await r.json(content_type=None) if "json" in r.content_type else {}
             return Answer(r.status, r.headers, body)
 
-    def assertion(self, **overrides: Any) -> str:
-        """An RFC 7523 client assertion of client ``signer``."""
+    def assertion(
+        self, client_id: str = "signer", key: SigningKey = CLIENT_SIGNER, **overrides: Any
+    ) -> str:
+        """An RFC 7523 client assertion, by default of client ``signer``."""
         claims: dict[str, Any] = {
-            "iss": "signer",
-            "sub": "signer",
+            "iss": client_id,
+            "sub": client_id,
             "aud": self.token_endpoint,
             "exp": int(time.time()) + 60,
             "jti": secrets.token_urlsafe(12),
             **overrides,
         }
-        token = jwt.encode(
-            claims,
-            CLIENT_SIGNER.private_key,
-            algorithm="ES256",
-            headers={"kid": CLIENT_SIGNER.kid},
-        )
+        token = jwt.encode(claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid})
         self.scan.secret(token)
         return token
 
@@ -265,11 +262,15 @@ async def start_exchange(
     sessions: list[aiohttp.ClientSession] = []
     log_scan.secret(*CLIENT_SECRETS)
 
-    async def start(key_check_interval: float = 10.0, **overrides: Any) -> Exchange:
+    async def start(
+        key_check_interval: float = 10.0, extra_clients: tuple[dict[str, Any], ...] = ()
+    ) -> Exchange:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         path = tmp_path / "exchange.yaml"
-        path.write_text(yaml.safe_dump(server_document(url, op, cluster, **overrides)))
+        document = server_document(url, op, cluster)
+        document["clients"] += extra_clients
+        path.write_text(yaml.safe_dump(document))
         config = parse_exchange_config(yaml.safe_load(path.read_text()), tmp_path)
         app = create_app(config, config_path=path, key_check_interval=key_check_interval)
         await aiohttp_server(app, host="127.0.0.1", port=port)
@@ -339,6 +340,36 @@ async def test_private_key_jwt_success_then_replay_refused(exchange: Exchange) -
     assert replay.body["error"] == "invalid_client"
     assert "replay" in replay.body["error_description"]
     assert "WWW-Authenticate" not in replay.headers
+
+
+async def test_private_key_jwt_with_jwks_uri(
+    start_exchange: ExchangeFactory, aiohttp_server: ServerFactory
+) -> None:
+    """A private_key_jwt client's keys are fetched from its jwks_uri (and counted as fetches)."""
+    key = signing_key(generate_private_key("RS256"), "RS256")
+
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [key.public_jwk]})
+
+    jwks_app = web.Application()
+    jwks_app.router.add_get("/jwks", jwks)
+    jwks_server = await aiohttp_server(jwks_app, host="127.0.0.1")
+    jwks_uri = str(jwks_server.make_url("/jwks"))
+    client = {"client_id": "remote", "auth": "private_key_jwt", "jwks_uri": jwks_uri}
+    server: Exchange = await start_exchange(extra_clients=({**client, "zones": ["red"]},))
+    assertion = server.assertion("remote", key)
+    form = server.form(
+        client_assertion=assertion, client_assertion_type=CLIENT_ASSERTION_TYPE_JWT_BEARER
+    )
+    answer = await server.post(form, authorization=None)
+    assert answer.status == 200, answer.body
+    forged = server.assertion("remote", CLIENT_SIGNER)  # a key the client does not publish
+    form = server.form(
+        client_assertion=forged, client_assertion_type=CLIENT_ASSERTION_TYPE_JWT_BEARER
+    )
+    assert (await server.post(form, authorization=None)).status == 401
+    async with server.session.get(server.url + "/metrics") as r:
+        assert f'zonegate_jwks_fetches_total{{issuer="{jwks_uri}",outcome="ok"}}' in await r.text()
 
 
 async def test_service_account_client_end_to_end(exchange: Exchange) -> None:
