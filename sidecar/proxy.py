@@ -42,7 +42,7 @@ from exchange.errors import (
 from exchange.tokens import TokenExchangeRequest
 from sidecar.cache import CacheKey, Issued, TokenCache
 from sidecar.config import Route, SidecarConfig
-from sidecar.exchanger import Exchanger
+from sidecar.exchanger import Exchanged, Exchanger
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
 from sidecar.routes import BadPath, Match, RouteTable
 
@@ -294,16 +294,18 @@ class Proxy:
         return await self._stream_back(request, response)
 
     def _match(self, request: web.Request) -> tuple[Match, str | None]:
-        target = request.message.url
-        absolute = target.is_absolute()
-        authority: str | None
-        if absolute:
-            host = (target.raw_host or "").lower()
+        raw_target = request.raw_path
+        absolute = not raw_target.startswith("/")
+        authority: str | None = request.headers.get("Host")
+        if absolute:  # absolute-form (RFC 9112 §3.2.2): the app uses us as HTTP_PROXY
+            target = URL(raw_target, encoded=True)
+            if target.scheme not in ("http", "https") or not target.raw_host:
+                raise ProxyError(
+                    400, "invalid_request", "request target must be a path or an http URL"
+                )
+            host = target.raw_host.lower()
             authority = f"{host}:{target.explicit_port}" if target.explicit_port else host
             raw_target = target.raw_path_qs
-        else:
-            authority = request.headers.get("Host")
-            raw_target = request.raw_path
         try:
             match = self.table.match(authority, raw_target, absolute_form=absolute)
         except BadPath as e:
@@ -337,29 +339,23 @@ class Proxy:
             raise exchange_refusal(e) from e
 
     async def _exchange(self, exchanger: Exchanger, route: Route, subject_token: str) -> Issued:
+        """One exchange for a cache miss, measured; its zone labels the route's later failures."""
         started = time.monotonic()
-        zone, outcome = self._zones.get(route.name), "ok"
         try:
-            request = TokenExchangeRequest(
-                subject_token=subject_token,
-                audience=route.target.audience,
-                resource=route.target.resource,
-                scope=route.target.scope,
-                requested_token_type=route.target.requested_token_type,
-            )
-            exchanged = await exchanger.exchange(request)
+            exchanged = await _ask(exchanger, route, subject_token)
         except ExchangeError as e:
-            outcome = e.error
+            self._observe(route, None, e.error, exchanger.mode, started)
             raise
-        except Exception as e:  # a bug must not become a 500 with a traceback for the app
-            log.exception("exchange failed unexpectedly", extra={"route": route.name})
-            outcome = "server_error"
-            raise ExchangeError(f"exchange failed: {type(e).__name__}") from e
-        finally:
-            self.metrics.observe_exchange(zone, outcome, exchanger.mode, time.monotonic() - started)
-        if exchanged.zone is not None:
-            self._zones[route.name] = exchanged.zone
+        self._observe(route, exchanged.zone, "ok", exchanger.mode, started)
         return Issued(exchanged.access_token, exchanged.expires_at, subject_expiry(subject_token))
+
+    def _observe(
+        self, route: Route, zone: str | None, outcome: str, mode: str, started: float
+    ) -> None:
+        if zone is not None:
+            self._zones[route.name] = zone
+        zone = self._zones.get(route.name)
+        self.metrics.observe_exchange(zone, outcome, mode, time.monotonic() - started)
 
     async def _send(
         self, request: web.Request, url: URL, headers: CIMultiDict[str], token: str | None
@@ -438,6 +434,24 @@ class Proxy:
         async with upstream:
             await _relay(downstream, upstream)
         return downstream
+
+
+async def _ask(exchanger: Exchanger, route: Route, subject_token: str) -> Exchanged:
+    """The RFC 8693 request for a route's target; every failure is an ExchangeError."""
+    try:
+        request = TokenExchangeRequest(
+            subject_token=subject_token,
+            audience=route.target.audience,
+            resource=route.target.resource,
+            scope=route.target.scope,
+            requested_token_type=route.target.requested_token_type,
+        )
+        return await exchanger.exchange(request)
+    except ExchangeError:
+        raise
+    except Exception as e:  # a bug must not become a 500 with a traceback for the app
+        log.exception("exchange failed unexpectedly", extra={"route": route.name})
+        raise ExchangeError(f"exchange failed: {type(e).__name__}") from e
 
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse

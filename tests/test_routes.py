@@ -1,0 +1,133 @@
+"""Route matching: host, path prefix, strip_prefix, first match wins, no path escapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exchange.configload import ConfigError
+from sidecar.config import parse_sidecar_config
+from sidecar.routes import BadPath, RouteTable, normalise_path
+
+EXCHANGE = {
+    "mode": "remote",
+    "token_endpoint": "http://127.0.0.1:8081/token",
+    "client_id": "shop-frontend",
+    "client_secret": "s3cret-shop",
+}
+ROUTES: list[dict[str, Any]] = [
+    {"name": "red", "host": "billing.red.internal", "upstream": "http://127.0.0.1:9001", "audience": "billing"},
+    {"name": "red-admin", "host": "billing.red.internal:8443", "upstream": "https://10.0.0.1/api/", "audience": "billing"},
+    {"name": "green", "path_prefix": "/green/", "strip_prefix": True, "upstream": "http://127.0.0.1:9002/v1", "audience": "orders"},
+    {"name": "greenish", "path_prefix": "/green", "upstream": "http://127.0.0.1:9003", "audience": "orders"},
+    {"name": "blue", "path_prefix": "/blue", "upstream": "http://127.0.0.1:9004", "audience": "orders"},
+]  # fmt: skip
+
+
+@pytest.fixture
+def table() -> RouteTable:
+    config = parse_sidecar_config({"exchange": EXCHANGE, "routes": ROUTES}, Path.cwd())
+    return RouteTable(config.routes)
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "absolute", "route", "url"),
+    [
+        ("billing.red.internal", "/x?a=1", True, "red", "http://127.0.0.1:9001/x?a=1"),
+        ("billing.red.internal:80", "/x", True, "red", "http://127.0.0.1:9001/x"),
+        ("BILLING.red.internal", "/x", False, "red", "http://127.0.0.1:9001/x"),
+        ("billing.red.internal:8443", "/x", True, "red", "http://127.0.0.1:9001/x"),
+        ("127.0.0.1:15001", "/green/a/b?q=%20", False, "green", "http://127.0.0.1:9002/v1/a/b?q=%20"),
+        ("127.0.0.1:15001", "/green", False, "green", "http://127.0.0.1:9002/v1/"),
+        ("127.0.0.1:15001", "/blue/x", False, "blue", "http://127.0.0.1:9004/blue/x"),
+        ("127.0.0.1:15001", "/blue", False, "blue", "http://127.0.0.1:9004/blue"),
+    ],
+)  # fmt: skip
+def test_first_matching_route_and_upstream_url(
+    table: RouteTable, host: str, target: str, absolute: bool, route: str, url: str
+) -> None:
+    """A call goes to the first route whose host and path prefix match, with the right URL."""
+    match = table.match(host, target, absolute_form=absolute)
+    assert match is not None
+    assert (match.route.name, str(match.url)) == (route, url)
+
+
+def test_route_with_port_matches_that_port_only() -> None:
+    """A route host naming a port matches only requests to that port."""
+    routes = [{**ROUTES[1], "name": "only"}]
+    table = RouteTable(
+        parse_sidecar_config({"exchange": EXCHANGE, "routes": routes}, Path.cwd()).routes
+    )
+    assert table.match("billing.red.internal:8443", "/", absolute_form=True) is not None
+    assert table.match("billing.red.internal", "/", absolute_form=True) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "absolute"),
+    [
+        ("evil.example", "/x", True),  # not an open proxy
+        ("127.0.0.1", "/green/x", True),  # routes without host serve reverse mode only
+        ("127.0.0.1:15001", "/greenhouse", False),  # prefixes match whole segments
+        ("127.0.0.1:15001", "/other", False),
+    ],
+)
+def test_no_route(table: RouteTable, host: str, target: str, absolute: bool) -> None:
+    """Calls matching no route get no route (the proxy answers 404/403)."""
+    assert table.match(host, target, absolute_form=absolute) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "route", "path"),
+    [
+        ("/green/../blue/x", "blue", "/blue/x"),
+        ("/green/%2e%2e/blue/x", "blue", "/blue/x"),
+        ("/green/%2E%2E/blue/x", "blue", "/blue/x"),
+        ("/green/./a/../b", "green", "/v1/b"),
+        ("/green/%7Euser", "green", "/v1/~user"),
+    ],
+)
+def test_dot_segments_are_normalised_before_matching(
+    table: RouteTable, target: str, route: str, path: str
+) -> None:
+    """Dot segments, even encoded, are resolved first: the route matched is what upstream sees."""
+    match = table.match("127.0.0.1", target, absolute_form=False)
+    assert match is not None
+    assert (match.route.name, match.url.raw_path) == (route, path)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/green/..%2f..%2fblue", "/green/%2F", "/green/%5c..", "/green\\..\\blue", "/..", "/green/../../x",
+     "/green/%00", "/green/%zz", "green/x"],
+)  # fmt: skip
+def test_path_tricks_are_refused(table: RouteTable, target: str) -> None:
+    """Encoded slashes, backslashes, NUL and climbs above / are refused, not guessed at."""
+    with pytest.raises(BadPath):
+        table.match("127.0.0.1", target, absolute_form=False)
+
+
+def test_normalise_keeps_trailing_slash() -> None:
+    """Normalising keeps the meaning: a trailing slash stays."""
+    assert normalise_path("/a/b/../") == "/a/"
+    assert normalise_path("/a/.") == "/a/"
+
+
+@pytest.mark.parametrize(
+    ("route", "error"),
+    [
+        ({"upstream": "ftp://x"}, "routes[0].upstream: must be an http(s) URL"),
+        ({"upstream": "http://x", "path_prefix": "/a/../b"}, "routes[0].path_prefix"),
+        ({"upstream": "http://x", "host": "a b"}, "routes[0].host"),
+        ({"upstream": "http://x", "missing_token": "maybe"}, "routes[0].missing_token"),
+        ({"upstream": "http://x", "scope": 'a"b'}, "routes[0].scope"),
+        ({"upstream": "http://x", "audiance": "x"}, "routes[0].audiance: unknown key"),
+        ({}, "routes[0].upstream: required"),
+    ],
+)
+def test_route_config_errors_name_the_yaml_path(route: dict[str, Any], error: str) -> None:
+    """A bad route is reported at its YAML path."""
+    with pytest.raises(ConfigError) as e:
+        parse_sidecar_config({"exchange": EXCHANGE, "routes": [route]}, Path.cwd())
+    assert any(line.startswith(error) for line in e.value.errors), e.value.errors

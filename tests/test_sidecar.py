@@ -1,0 +1,625 @@
+"""The sidecar end to end, embedded mode: real IdP, sidecar, upstreams and clients on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+import requests
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client.parser import text_string_to_metric_families
+
+from exchange.core import ExchangeCore
+from exchange.devop import DevOpenIDProvider
+from exchange.tokens import TokenExchangeRequest, TokenResponse
+from sidecar.app import SIDECAR, Sidecar, build_sidecar
+from sidecar.config import EmbeddedExchange, SidecarConfig, parse_sidecar_config
+from sidecar.exchanger import EmbeddedExchanger, Exchanger
+from tests.conftest import exchange_document
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+CHUNK = 64 * 1024
+PATTERN = bytes(range(256)) * (CHUNK // 256)
+EXCHANGE_ISSUER = "http://127.0.0.1:8081"
+
+
+# -- an upstream that records what it saw ------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+@dataclass
+class Backend:
+    """A zone backend: records requests, answers 201 with distinctive headers, can refuse."""
+
+    name: str
+    seen: list[Seen] = field(default_factory=list)
+    refuse: int = 0  # answer 401 to this many requests
+    delay: float = 0.0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/upload", self.upload)
+        app.router.add_get("/download/{size}", self.download)
+        app.router.add_get("/ws", self.websocket)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+    def authorization(self, i: int = -1) -> str:
+        return self.seen[i].headers.get("Authorization", "")
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.path_qs, request.headers, body))
+        await asyncio.sleep(self.delay)
+        if self.refuse:
+            self.refuse -= 1
+            return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
+        headers = CIMultiDict(
+            [("X-Backend", self.name), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
+        )
+        headers["Content-Type"] = "application/x-zone"
+        return web.Response(status=201, reason="Made", body=b"answer:" + body, headers=headers)
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self.seen.append(Seen(request.method, request.path_qs, request.headers, b""))
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response({"size": size, "sha256": digest.hexdigest()})
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        await response.prepare(request)
+        for _ in range(size // CHUNK):
+            await response.write(PATTERN)
+        await response.write_eof()
+        return response
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        self.seen.append(Seen(request.method, request.path_qs, request.headers, b""))
+        ws = web.WebSocketResponse(protocols=("zone.v1",))
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(f"{self.name}:{message.data}")
+        return ws
+
+
+# -- a real core, counted ---------------------------------------------------------------------
+
+
+class CountedCore(ExchangeCore):
+    """The real exchange core, counting the exchanges asked of it."""
+
+    calls = 0
+
+    async def exchange(self, request: TokenExchangeRequest, **kwargs: Any) -> TokenResponse:
+        self.calls += 1
+        return await super().exchange(request, **kwargs)
+
+
+# -- the running sidecar -----------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """A sidecar served on 127.0.0.1 with its backends and IdP."""
+
+    proxy: TestServer
+    admin: TestServer
+    sidecar: Sidecar
+    red: Backend
+    green: Backend
+    op: DevOpenIDProvider
+    counted: CountedCore
+    session: aiohttp.ClientSession
+
+    def url(self, path: str) -> str:
+        return str(self.proxy.make_url(path))
+
+    def admin_url(self, path: str) -> str:
+        return str(self.admin.make_url(path))
+
+    def bearer(self, token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    async def zone_claims(self, token: str, zone: str, audience: str) -> dict[str, Any]:
+        """Verify a token as the zone's PEP does: the zone JWKS over HTTP, the zone issuer."""
+        async with self.session.get(self.admin_url(f"/zones/{zone}/jwks.json")) as r:
+            jwks = jwt.PyJWKSet.from_dict(await r.json())
+        kid = jwt.get_unverified_header(token)["kid"]
+        key = next(k for k in jwks.keys if k.key_id == kid)
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[key.algorithm_name],
+            audience=audience,
+            issuer=f"{EXCHANGE_ISSUER}/zones/{zone}",
+        )
+        return claims
+
+
+def sidecar_document(op: DevOpenIDProvider, red: str, green: str) -> dict[str, Any]:
+    """An embedded-mode sidecar config routing to the red and green backends."""
+    return {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "exchange": {"mode": "embedded", "client_id": "shop-frontend", "core": exchange_document(op)},
+        "upstream": {"connect_timeout": 1, "read_timeout": 1},
+        "routes": [
+            {"name": "red", "host": "billing.red.internal", "upstream": red, "audience": "billing", "scope": "billing:read"},
+            {"name": "green", "path_prefix": "/green/", "strip_prefix": True, "upstream": green, "audience": "orders"},
+            {"name": "public", "path_prefix": "/public/", "upstream": red, "audience": "billing", "missing_token": "forward"},
+            {"name": "write", "path_prefix": "/write/", "upstream": red, "audience": "billing", "scope": "billing:write"},
+            {"name": "red-reverse", "path_prefix": "/red/", "strip_prefix": True, "upstream": red, "audience": "billing", "scope": "billing:read"},
+            {"name": "dead", "path_prefix": "/dead/", "upstream": closed_port_url(), "audience": "billing"},
+        ],
+    }  # fmt: skip
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never became ready")
+
+
+async def start_sidecar(
+    config: SidecarConfig, aiohttp_server: ServerFactory, exchangers: dict[str, Exchanger]
+) -> tuple[TestServer, TestServer, Sidecar]:
+    """Serve a sidecar's two apps on 127.0.0.1 and wait for /readyz."""
+    proxy_app, admin_app = build_sidecar(config, exchangers=exchangers)
+    admin = await aiohttp_server(admin_app, host="127.0.0.1")
+    proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, str(admin.make_url("/readyz")))
+    return proxy, admin, proxy_app[SIDECAR]
+
+
+def counted_exchangers(config: SidecarConfig) -> dict[str, Exchanger]:
+    """The config's embedded exchanger around a counted core."""
+    settings = config.exchange
+    assert isinstance(settings, EmbeddedExchange)
+    exchanger = EmbeddedExchanger(settings, core=CountedCore(settings.core))
+    return {settings.identity: exchanger}
+
+
+@pytest.fixture
+async def running(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> AsyncIterator[Running]:
+    red, green = Backend("red"), Backend("green")
+    red_server = await aiohttp_server(red.app(), host="127.0.0.1")
+    green_server = await aiohttp_server(green.app(), host="127.0.0.1")
+    document = sidecar_document(
+        op, str(red_server.make_url("")).rstrip("/"), str(green_server.make_url("/v1"))
+    )
+    config = parse_sidecar_config(document, Path.cwd())
+    exchangers = counted_exchangers(config)
+    proxy, admin, sidecar = await start_sidecar(config, aiohttp_server, exchangers)
+    counted = next(iter(exchangers.values()))
+    assert isinstance(counted, EmbeddedExchanger) and isinstance(counted.core, CountedCore)
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield Running(proxy, admin, sidecar, red, green, op, counted.core, session)
+
+
+# -- the exchange on the way through -----------------------------------------------------------
+
+
+async def test_upstream_sees_zone_token_never_the_original(running: Running) -> None:
+    """Upstream gets a zone token (valid against the zone JWKS), the app's headers and body."""
+    subject = running.op.login("alice")
+    headers = CIMultiDict(
+        [("Authorization", f"Bearer {subject}"), ("X-App", "one"), ("X-App", "two"),
+         ("Content-Type", "text/plain"), ("X-Forwarded-User", "admin"), ("X-Auth-Request-Email", "x@y"),
+         ("Connection", "keep-alive, X-Hop"), ("X-Hop", "drop me"), ("Accept-Encoding", "gzip")]
+    )  # fmt: skip
+    async with running.session.post(
+        running.url("/red/items?id=7&x=%20"), data=b"hello body", headers=headers
+    ) as r:
+        body = await r.read()
+        assert (r.status, r.reason, body) == (201, "Made", b"answer:hello body")
+        assert r.headers["X-Backend"] == "red"
+        assert r.headers["Content-Type"] == "application/x-zone"
+        assert r.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+    seen = running.red.seen[-1]
+    assert (seen.method, seen.path_qs, seen.body) == ("POST", "/items?id=7&x=%20", b"hello body")
+    assert seen.headers.getall("X-App") == ["one", "two"]
+    assert seen.headers["Content-Type"] == "text/plain"
+    assert seen.headers["Accept-Encoding"] == "gzip"
+    assert seen.headers["Content-Length"] == "10"
+    for dropped in ("X-Forwarded-User", "X-Auth-Request-Email", "X-Hop"):
+        assert dropped not in seen.headers
+    assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
+    assert seen.headers["X-Forwarded-Proto"] == "http"
+    assert seen.headers["X-Forwarded-Host"] == running.proxy.make_url("").authority
+    assert subject not in json.dumps(dict(seen.headers))
+    scheme, zone_token = running.red.authorization().split(" ")
+    assert scheme == "Bearer"
+    claims = await running.zone_claims(zone_token, "red", "billing")
+    assert (claims["sub"], claims["email"], claims["scope"]) == (
+        "alice",
+        "alice@example.com",
+        "billing:read",
+    )
+
+
+async def test_reverse_mode_strips_the_prefix_onto_the_upstream_path(running: Running) -> None:
+    """/green/x goes to the green upstream's base path + /x with a green token."""
+    subject = running.op.login("bob")
+    async with running.session.get(
+        running.url("/green/orders/1"), headers=running.bearer(subject)
+    ) as r:
+        assert r.status == 201
+    assert running.green.seen[-1].path_qs == "/v1/orders/1"
+    token = running.green.authorization().removeprefix("Bearer ")
+    assert (await running.zone_claims(token, "green", "orders"))["sub"] == "bob"
+
+
+async def test_forward_mode_with_http_proxy_from_the_environment(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests, configured only by HTTP_PROXY, reaches the upstream through the sidecar."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", running.url(""))
+    monkeypatch.setenv("http_proxy", running.url(""))
+    subject = running.op.login("alice")
+
+    def call() -> requests.Response:
+        return requests.post(
+            "http://billing.red.internal/pay?amount=3",
+            data=b"payload",
+            headers={"Authorization": f"Bearer {subject}", "X-App": "kept"},
+            timeout=5,
+        )
+
+    answer = await asyncio.to_thread(call)
+    assert (answer.status_code, answer.content) == (201, b"answer:payload")
+    assert answer.headers["X-Backend"] == "red"
+    seen = running.red.seen[-1]
+    assert (seen.path_qs, seen.headers["X-App"]) == ("/pay?amount=3", "kept")
+    assert seen.headers["X-Forwarded-Host"] == "billing.red.internal"
+    token = running.red.authorization().removeprefix("Bearer ")
+    assert (await running.zone_claims(token, "red", "billing"))["sub"] == "alice"
+
+
+async def test_a_16_kib_subject_token_passes(running: Running) -> None:
+    """Header limits are raised: a 16 KiB JWT gets through the proxy listener."""
+    subject = running.op.mint({"padding": "p" * 11500})
+    assert 15 * 1024 < len(subject) <= 16 * 1024
+    async with running.session.get(running.url("/red/big"), headers=running.bearer(subject)) as r:
+        assert r.status == 201
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+
+async def error_of(response: aiohttp.ClientResponse) -> str:
+    body = await response.json()
+    assert set(body) == {"error", "error_description"}
+    return str(body["error"])
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "host", "status"),
+    [
+        ("GET", "/nowhere", None, 404),
+        ("GET", "http://evil.example/", None, 403),
+        ("CONNECT", "billing.red.internal:443", "billing.red.internal:443", 405),
+        ("GET", "/green/..%2f..%2fred", None, 400),
+    ],
+)
+async def test_requests_the_sidecar_refuses(
+    running: Running, method: str, target: str, host: str | None, status: int
+) -> None:
+    """No route, an absolute-form target to anywhere, CONNECT and path tricks are refused."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.proxy.port)
+    host_header = host or "127.0.0.1"
+    writer.write(
+        f"{method} {target} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode()
+    )
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode()
+    assert set(json.loads(body)) == {"error", "error_description"}
+    if status == 405:
+        assert b"tunnel" in body
+    assert running.red.seen == [] and running.green.seen == []
+
+
+async def test_missing_token_rejected_or_forwarded_per_route(running: Running) -> None:
+    """No token: 401 with a Bearer challenge, or forwarded without Authorization when allowed."""
+    async with running.session.get(running.url("/red/x")) as r:
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    async with running.session.get(
+        running.url("/public/x"), headers={"Authorization": "Basic eDp5"}
+    ) as r:
+        assert r.status == 201
+    assert "Authorization" not in running.red.seen[-1].headers
+    assert running.counted.calls == 0
+
+
+async def test_refused_subject_token_is_401_invalid_token_and_not_retried(running: Running) -> None:
+    """A subject the exchange refuses is 401 invalid_token; retries hit the negative cache."""
+    expired = running.op.mint({"exp": int(time.time()) - 3600})
+    for _ in range(3):
+        async with running.session.get(running.url("/red/x"), headers=running.bearer(expired)) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+            assert await error_of(r) == "invalid_token"
+    assert running.counted.calls == 1
+    assert running.red.seen == []
+
+
+async def test_config_refusal_is_403(running: Running) -> None:
+    """A scope the client may not have is refused by the exchange: 403, nothing forwarded."""
+    subject = running.op.login("alice")
+    async with running.session.get(running.url("/write/x"), headers=running.bearer(subject)) as r:
+        assert r.status == 403
+        assert await error_of(r) == "invalid_scope"
+    assert running.red.seen == []
+
+
+# -- the cache through the proxy ---------------------------------------------------------------
+
+
+async def test_200_sequential_requests_one_exchange(running: Running) -> None:
+    """200 requests with one token make one exchange."""
+    subject = running.op.login("alice")
+    for _ in range(200):
+        async with running.session.get(running.url("/red/x"), headers=running.bearer(subject)) as r:
+            assert r.status == 201
+    assert running.counted.calls == 1
+    assert len({s.headers["Authorization"] for s in running.red.seen}) == 1
+
+
+async def test_200_concurrent_first_requests_one_exchange(running: Running) -> None:
+    """200 concurrent first requests with one new token make one exchange."""
+    subject = running.op.login("bob")
+
+    async def one() -> int:
+        async with running.session.get(running.url("/red/x"), headers=running.bearer(subject)) as r:
+            await r.read()
+            return r.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert set(statuses) == {201}
+    assert running.counted.calls == 1
+
+
+async def test_upstream_401_evicts_and_retries_once_with_a_fresh_exchange(running: Running) -> None:
+    """An upstream 401 on a GET: one re-exchange and one retry; the app sees the 201."""
+    subject = running.op.login("alice")
+    running.red.refuse = 1
+    async with running.session.get(running.url("/red/x"), headers=running.bearer(subject)) as r:
+        assert r.status == 201
+    assert running.counted.calls == 2
+    assert running.red.authorization(0) != running.red.authorization(1)
+    running.red.refuse = 2  # both attempts refused: the app sees the 401, no third try
+    async with running.session.get(running.url("/red/y"), headers=running.bearer(subject)) as r:
+        assert r.status == 401
+    assert running.counted.calls == 3
+
+
+async def test_upstream_401_on_a_request_with_a_body_is_not_retried(running: Running) -> None:
+    """A streamed body cannot be replayed: the upstream's 401 goes back to the app."""
+    subject = running.op.login("alice")
+    running.red.refuse = 1
+    async with running.session.post(
+        running.url("/red/x"), data=b"once", headers=running.bearer(subject)
+    ) as r:
+        assert r.status == 401
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert (running.counted.calls, len(running.red.seen)) == (1, 1)
+
+
+# -- upstream failures -------------------------------------------------------------------------
+
+
+async def test_upstream_unreachable_is_502_and_slow_is_504(running: Running) -> None:
+    """Upstream connection refused: 502; upstream slower than read_timeout: 504."""
+    subject = running.op.login("alice")
+    async with running.session.get(running.url("/dead/x"), headers=running.bearer(subject)) as r:
+        assert (r.status, await error_of(r)) == (502, "bad_gateway")
+    running.red.delay = 3
+    async with running.session.get(running.url("/red/slow"), headers=running.bearer(subject)) as r:
+        assert (r.status, await error_of(r)) == (504, "gateway_timeout")
+
+
+def closed_port_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+# -- websocket ---------------------------------------------------------------------------------
+
+
+async def test_websocket_upgrade_is_exchanged_and_relayed(running: Running) -> None:
+    """A WebSocket through the sidecar: the handshake carries the zone token, messages relay."""
+    subject = running.op.login("alice")
+    async with running.session.ws_connect(
+        running.url("/red/ws"), headers=running.bearer(subject), protocols=("zone.v1",)
+    ) as ws:
+        assert ws.protocol == "zone.v1"
+        await ws.send_str("ping")
+        assert await ws.receive_str(timeout=5) == "red:ping"
+    token = running.red.authorization().removeprefix("Bearer ")
+    assert (await running.zone_claims(token, "red", "billing"))["sub"] == "alice"
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+PAYLOAD = 200 * 1024 * 1024
+
+
+def vm_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field_name} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+async def test_200_mb_up_and_down_stream_with_flat_memory(running: Running) -> None:
+    """200 MB each way pass through while the process's peak RSS grows far less than that."""
+    subject = running.op.login("alice")
+    reset_peak_rss()
+    baseline = vm_kib("VmRSS")
+    sent = hashlib.sha256()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(PAYLOAD // CHUNK):
+            sent.update(PATTERN)
+            yield PATTERN
+
+    started = time.monotonic()
+    async with running.session.post(
+        running.url("/red/upload"), data=chunks(), headers=running.bearer(subject)
+    ) as r:
+        assert r.status == 200
+        assert await r.json() == {"size": PAYLOAD, "sha256": sent.hexdigest()}
+    received, size = hashlib.sha256(), 0
+    async with running.session.get(
+        running.url(f"/red/download/{PAYLOAD}"), headers=running.bearer(subject)
+    ) as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == str(PAYLOAD)
+        async for chunk in r.content.iter_chunked(CHUNK):
+            received.update(chunk)
+            size += len(chunk)
+    assert (size, received.hexdigest()) == (PAYLOAD, sent.hexdigest())
+    growth_mib = (vm_kib("VmHWM") - baseline) / 1024
+    assert growth_mib < 40, f"peak RSS grew {growth_mib:.0f} MiB moving 2 x 200 MiB"
+    assert time.monotonic() - started < 20
+
+
+# -- admin listener ----------------------------------------------------------------------------
+
+
+async def test_admin_health_readiness_and_zone_documents(running: Running) -> None:
+    """healthz and readyz answer 200; the embedded zone issuer documents are served."""
+    for path in ("/healthz", "/readyz"):
+        async with running.session.get(running.admin_url(path)) as r:
+            assert r.status == 200
+    async with running.session.get(
+        running.admin_url("/zones/red/.well-known/openid-configuration")
+    ) as r:
+        metadata = await r.json()
+    assert metadata["issuer"] == f"{EXCHANGE_ISSUER}/zones/red"
+    assert metadata["jwks_uri"].endswith("/zones/red/jwks.json")
+    running.sidecar.readiness.drain()
+    async with running.session.get(running.admin_url("/readyz")) as r:
+        assert r.status == 503
+
+
+async def test_metrics_have_pinned_names_and_pass_promtool(running: Running) -> None:
+    """/metrics carries the pinned series and passes `promtool check metrics`."""
+    subject = running.op.login("alice")
+    for path in ("/red/x", "/red/x", "/nowhere"):
+        async with running.session.get(running.url(path), headers=running.bearer(subject)) as r:
+            await r.read()
+    async with running.session.get(running.admin_url("/metrics")) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    expected = {
+        ("zonegate_sidecar_requests_total", (("route", "red-reverse"), ("status", "201"))): 2,
+        ("zonegate_sidecar_requests_total", (("route", "none"), ("status", "404"))): 1,
+        ("zonegate_sidecar_request_duration_seconds_count", (("route", "red-reverse"),)): 2,
+        ("zonegate_sidecar_token_cache_total", (("result", "hit"),)): 1,
+        ("zonegate_sidecar_token_cache_total", (("result", "miss"),)): 1,
+        ("zonegate_sidecar_token_cache_total", (("result", "coalesced"),)): 0,
+        ("zonegate_sidecar_token_cache_total", (("result", "evicted"),)): 0,
+        ("zonegate_sidecar_token_cache_entries", ()): 1,
+        ("zonegate_sidecar_exchanges_total", (("outcome", "ok"), ("zone", "red"))): 1,
+        ("zonegate_sidecar_exchange_duration_seconds_count", (("mode", "embedded"),)): 1,
+    }
+    assert {k: samples.get(k) for k in expected} == expected
+    assert subject not in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is required under CI (apt-get install prometheus)")
+        pytest.skip("promtool not installed (make tools)")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- the program -------------------------------------------------------------------------------
+
+
+async def test_zonegate_sidecar_subprocess_serves_readies_and_exits_0_on_sigterm(
+    op: DevOpenIDProvider, tmp_path: Path
+) -> None:
+    """`zonegate sidecar --config F` prints where it listens, gets ready, exits 0 on SIGTERM."""
+    document = sidecar_document(op, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(yaml.safe_dump(document))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "--config", str(config_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        listening: dict[str, str] = {}
+        while len(listening) < 2:
+            line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+            assert line, "the sidecar exited before listening"
+            if " listening on " in line:
+                listening[line.split()[1]] = line.split()[-1]
+        assert set(listening) == {"sidecar", "admin"}
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, listening["admin"] + "/readyz")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 15) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
