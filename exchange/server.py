@@ -17,7 +17,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import hdrs, web
@@ -29,6 +29,7 @@ from exchange.configload import ConfigError
 from exchange.core import ExchangeCore, subject_hash
 from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
 from exchange.httpdocs import zone_routes
+from exchange.issuers import HttpFetcher
 from exchange.logsetup import setup_logging
 from exchange.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
 from exchange.ratelimit import RateLimiter
@@ -44,7 +45,6 @@ MAX_BODY = 64 * 1024
 MAX_FIELDS = 64
 MAX_LOGGED_PATH = 200
 KEY_CHECK_INTERVAL = 10.0
-RETIRE_AFTER = 30.0  # a replaced core keeps its HTTP session this long for in-flight requests
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 BASIC_CHALLENGE = 'Basic realm="zonegate"'
 HTTP_ERRORS = {404: "not_found", 405: "invalid_request", 413: "invalid_request"}
@@ -85,19 +85,27 @@ class Service:
     auth: ClientAuthenticator
     limiter: RateLimiter
     index: dict[str, ZoneConfig]
-    owns_core: bool
+    shares_fetcher: bool  # the core fetches with the app's fetcher: its held keys may be adopted
 
     @classmethod
     def build(
-        cls, core: ExchangeCore, metrics: ExchangeMetrics, previous: Service | None, owns_core: bool
+        cls,
+        core: ExchangeCore,
+        fetcher: HttpFetcher,
+        metrics: ExchangeMetrics,
+        previous: Service | None = None,
+        *,
+        shares_fetcher: bool = True,
     ) -> Service:
         config = core.config
+        if previous is not None and previous.shares_fetcher:
+            adopt_issuer_keys(core, previous.core)
         return cls(
             core=core,
-            auth=ClientAuthenticator(config, observe=metrics.observe_fetch),
+            auth=ClientAuthenticator(config, fetch=fetcher, observe=metrics.observe_fetch),
             limiter=RateLimiter(config.clients, previous=previous.limiter if previous else None),
             index=policy.zone_index(config.zones),
-            owns_core=owns_core,
+            shares_fetcher=shares_fetcher,
         )
 
     def zone_of(self, request: TokenExchangeRequest, client: ClientConfig) -> str:
@@ -108,21 +116,36 @@ class Service:
             return NO_ZONE
         return zone.name
 
-    async def close(self) -> None:
-        await self.auth.close()
-        if self.owns_core:
-            await self.core.close()
+
+def _key_timing(config: ExchangeConfig) -> tuple[float, int, int]:
+    return (config.jwks_min_refresh, config.jwks_max_age, config.jwks_stale_for)
+
+
+def adopt_issuer_keys(new: ExchangeCore, old: ExchangeCore) -> None:
+    """Trusted issuers' keys already held survive a reload: a reload during an OP outage must
+    not turn cached keys into 503s. Only issuers configured the same way are adopted."""
+    if _key_timing(new.config) != _key_timing(old.config):
+        return
+    before = {t.issuer: t.jwks_uri for t in old.config.trusted_issuers}
+    for trusted in new.config.trusted_issuers:
+        if trusted.issuer in before and before[trusted.issuer] == trusted.jwks_uri:
+            new.issuer_keys[trusted.issuer] = old.issuer_keys[trusted.issuer]
 
 
 @dataclass
 class Runtime:
-    """The app's mutable state: the service in use, readiness, and reloading."""
+    """The app's mutable state: the service in use, readiness, reloading, the HTTP fetcher.
+
+    One fetcher serves every generation (cores built on reload, client authentication), so a
+    reload closes nothing that a request in flight may still use.
+    """
 
     service: Service
     metrics: ExchangeMetrics
+    fetcher: HttpFetcher
     config_path: Path | None = None
     ready: bool = False
-    _retiring: dict[asyncio.Task[None], Service] = field(default_factory=dict)
+    owned_core: ExchangeCore | None = None  # closed with the app
 
     async def reload(self) -> bool:
         """SIGHUP: re-read config and keys; an invalid config is refused and the old one serves."""
@@ -130,8 +153,8 @@ class Runtime:
             return self.check_keys()
         try:
             config = load_exchange_config(self.config_path)
-            core = ExchangeCore(config, observe_fetch=self.metrics.observe_fetch)
-            service = Service.build(core, self.metrics, self.service, owns_core=True)
+            core = self.new_core(config)
+            service = Service.build(core, self.fetcher, self.metrics, self.service)
         except ConfigError as e:
             log.error(
                 "config reload refused; the previous config keeps serving",
@@ -141,10 +164,12 @@ class Runtime:
         if config.listen != self.service.core.config.listen:
             log.warning("listen changed in config: takes effect on restart only")
         await _warm(core)
-        old, self.service = self.service, service
-        self._retire(old)
+        self.service = service  # requests in flight finish with the generation they began with
         log.info("config reloaded", extra={"config": str(self.config_path)})
         return True
+
+    def new_core(self, config: ExchangeConfig) -> ExchangeCore:
+        return ExchangeCore(config, fetcher=self.fetcher, observe_fetch=self.metrics.observe_fetch)
 
     def check_keys(self) -> bool:
         """Re-read zone key files that changed; errors keep the old keys and are logged."""
@@ -159,23 +184,11 @@ class Runtime:
             await asyncio.sleep(interval)
             self.check_keys()
 
-    def _retire(self, old: Service) -> None:
-        async def later() -> None:
-            await asyncio.sleep(RETIRE_AFTER)
-            await old.close()
-
-        task = asyncio.get_running_loop().create_task(later())
-        self._retiring[task] = old
-        task.add_done_callback(lambda done: self._retiring.pop(done, None))
-
     async def close(self) -> None:
-        """Close the current service and any replaced one still waiting out its grace."""
-        retiring = list(self._retiring.items())
-        for task, _ in retiring:
-            task.cancel()
-        for _, old in retiring:
-            await old.close()
-        await self.service.close()
+        """Release the HTTP sessions: the shared fetcher's, and an owned core's."""
+        await self.fetcher.close()
+        if self.owned_core is not None:
+            await self.owned_core.close()
 
 
 RUNTIME = web.AppKey("zonegate.exchange.runtime", Runtime)
@@ -371,18 +384,23 @@ def build_app(
     core: ExchangeCore,
     *,
     metrics: ExchangeMetrics | None = None,
+    fetcher: HttpFetcher | None = None,
     config_path: Path | None = None,
     key_check_interval: float = KEY_CHECK_INTERVAL,
     owns_core: bool = False,
 ) -> web.Application:
     """The exchange server's app around ``core``.
 
-    ``metrics``: pass the one whose ``observe_fetch`` the core was built with, so JWKS fetches
-    are counted (``create_app`` does this). ``config_path``: reload re-reads it (SIGHUP);
-    without it, reload only re-reads zone key files. ``owns_core``: close the core on cleanup.
+    ``metrics``: the one whose ``observe_fetch`` the core was built with, so JWKS fetches are
+    counted. ``fetcher``: the one the core was built with, shared by client authentication and
+    reloaded cores (then keys held survive a reload); None: the app makes its own.
+    ``config_path``: reload (SIGHUP) re-reads it; without it, reload re-reads zone key files only.
+    ``owns_core``: close the core on cleanup. ``create_app`` wires all of this from a config.
     """
     metrics = metrics or ExchangeMetrics()
-    runtime = Runtime(Service.build(core, metrics, None, owns_core), metrics, config_path)
+    shared = fetcher or HttpFetcher(core.config.fetch_timeout)
+    service = Service.build(core, shared, metrics, shares_fetcher=fetcher is not None)
+    runtime = Runtime(service, metrics, shared, config_path, owned_core=core if owns_core else None)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[log_requests, json_errors])
     app[RUNTIME] = runtime
     app.router.add_post("/token", token)
@@ -402,12 +420,14 @@ def create_app(
     config_path: Path | None = None,
     key_check_interval: float = KEY_CHECK_INTERVAL,
 ) -> web.Application:
-    """Build the core from ``config`` with metrics wired in, and the app that owns it."""
+    """Build the core from ``config`` with metrics and fetcher wired in, and the app owning it."""
     exported = ExchangeMetrics()
-    core = ExchangeCore(config, observe_fetch=exported.observe_fetch)
+    fetcher = HttpFetcher(config.fetch_timeout)
+    core = ExchangeCore(config, fetcher=fetcher, observe_fetch=exported.observe_fetch)
     return build_app(
         core,
         metrics=exported,
+        fetcher=fetcher,
         config_path=config_path,
         key_check_interval=key_check_interval,
         owns_core=True,

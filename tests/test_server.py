@@ -596,6 +596,20 @@ async def test_reload_applies_valid_config(exchange: Exchange) -> None:
     assert answer.body["error"] == "unauthorized_client"
 
 
+async def test_reload_during_provider_outage_keeps_cached_keys(exchange: Exchange) -> None:
+    """Keys held before a reload keep working after it, even while the OP is down."""
+    assert (await exchange.post(exchange.form())).status == 200
+    exchange.op.available = False
+    path = config_path(exchange)
+    document = yaml.safe_load(path.read_text())
+    document["zones"]["green"]["token_lifetime"] = 60
+    path.write_text(yaml.safe_dump(document))
+    assert await exchange.runtime.reload()
+    assert exchange.runtime.service.core.config.zones["green"].token_lifetime == 60
+    answer = await exchange.post(exchange.form())
+    assert answer.status == 200, answer.body
+
+
 async def test_reload_refuses_invalid_config_and_keeps_serving(exchange: Exchange) -> None:
     """An invalid config is refused with its errors logged; the old one keeps serving."""
     path = config_path(exchange)
