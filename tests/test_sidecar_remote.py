@@ -70,7 +70,6 @@ class Setup:
     """Everything a remote-mode test needs; ``start_sidecar`` serves one."""
 
     op: DevOpenIDProvider
-    cluster: DevOpenIDProvider
     exchange: ExchangeServer
     red: Backend
     red_url: str
@@ -98,6 +97,10 @@ class Setup:
         if ready:
             await wait_ready(self.session, self.admin_url("/readyz"))
         return proxy_app[SIDECAR]
+
+    def service_account_token(self, subject: str) -> str:
+        """A projected service-account token as the kubelet writes it."""
+        return self.op.mint({"sub": subject, "aud": "zonegate"})
 
     def url(self, path: str) -> str:
         assert self.proxy is not None
@@ -131,18 +134,8 @@ class Setup:
 
 
 @pytest.fixture
-async def cluster(aiohttp_server: ServerFactory) -> DevOpenIDProvider:
-    """A Kubernetes service-account issuer: discovery + JWKS on 127.0.0.1."""
-    provider = DevOpenIDProvider(audience="zonegate")
-    server = await aiohttp_server(provider.app(), host="127.0.0.1")
-    provider.issuer = str(server.make_url("")).rstrip("/")
-    return provider
-
-
-@pytest.fixture
 async def setup(
     op: DevOpenIDProvider,
-    cluster: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
     tmp_path: Path,
 ) -> AsyncIterator[Setup]:
@@ -157,14 +150,15 @@ async def setup(
         {"client_id": "workload", "auth": "kubernetes", "service_account": SERVICE_ACCOUNT,
          "zones": ["red"], "scopes": ["billing:read"]},
     ]  # fmt: skip
-    document["cluster_issuers"] = [{"issuer": cluster.issuer, "audiences": ["zonegate"]}]
+    # The IdP doubles as the cluster's service-account issuer (its tokens, audience zonegate).
+    document["cluster_issuers"] = [{"issuer": op.issuer, "audiences": ["zonegate"]}]
     exchange = ExchangeServer(document, port)
     await exchange.start()
     red = Backend("red")
     red_server = await aiohttp_server(red.app(), host="127.0.0.1")
     async with aiohttp.ClientSession() as session:
         yield Setup(
-            op, cluster, exchange, red, str(red_server.make_url("")).rstrip("/"),
+            op, exchange, red, str(red_server.make_url("")).rstrip("/"),
             tmp_path, aiohttp_server, session, key_file,
         )  # fmt: skip
     await exchange.stop()
@@ -201,7 +195,7 @@ async def test_private_key_jwt(setup: Setup) -> None:
 async def test_service_account_token_is_reread_when_it_rotates(setup: Setup) -> None:
     """A projected service-account token file is read again after the kubelet replaces it."""
     token_file = setup.tmp_path / "sa-token"
-    token_file.write_text(setup.cluster.mint({"sub": SERVICE_ACCOUNT}))
+    token_file.write_text(setup.service_account_token(SERVICE_ACCOUNT))
     await setup.start_sidecar(
         {
             "token_endpoint": f"{setup.exchange.url}/token",
@@ -211,11 +205,11 @@ async def test_service_account_token_is_reread_when_it_rotates(setup: Setup) -> 
     )
     assert (await setup.call(setup.op.login("alice"))).status == 201
     rotated = setup.tmp_path / "sa-token.new"
-    rotated.write_text(setup.cluster.mint({"sub": "system:serviceaccount:shop:stranger"}))
+    rotated.write_text(setup.service_account_token("system:serviceaccount:shop:stranger"))
     rotated.replace(token_file)  # atomic swap, as the kubelet does
     refused = await setup.call(setup.op.login("bob"))
     assert refused.status == 502  # the server now refuses the sidecar's own credential
-    rotated.write_text(setup.cluster.mint({"sub": SERVICE_ACCOUNT}))
+    rotated.write_text(setup.service_account_token(SERVICE_ACCOUNT))
     rotated.replace(token_file)
     assert (await setup.call(setup.op.mint({"sub": "carol"}))).status == 201
 
