@@ -498,3 +498,17 @@ def test_example_client_is_the_frontend_service_account(rendered: dict[str, Docs
         == f"system:serviceaccount:{frontend['metadata']['namespace']}:{account}"
     )
     find(docs, "ServiceAccount", account)
+
+
+def test_image_runs_as_the_non_root_user_the_manifests_expect(rendered: dict[str, Docs]) -> None:
+    """The Dockerfile installs the package, runs `zonegate` as uid 10001, as the pods expect."""
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
+    assert "USER 10001:10001" in lines
+    assert 'ENTRYPOINT ["zonegate"]' in lines
+    assert any("pip install '.[uvloop]'" in ln for ln in lines)
+    assert lines[[ln.startswith("FROM ") for ln in lines].index(True)].startswith("FROM python:")
+    for name in ("exchange", "injector"):
+        for workload, template in pod_specs(rendered[name]):
+            assert template["spec"]["securityContext"]["runAsUser"] == 10001, workload["metadata"]
+            (container,) = template["spec"]["containers"]
+            assert container["args"][0] == name
