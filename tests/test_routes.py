@@ -131,3 +131,76 @@ def test_route_config_errors_name_the_yaml_path(route: dict[str, Any], error: st
     with pytest.raises(ConfigError) as e:
         parse_sidecar_config({"exchange": EXCHANGE, "routes": [route]}, Path.cwd())
     assert any(line.startswith(error) for line in e.value.errors), e.value.errors
+
+
+def _errors(document: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse_sidecar_config(document, Path.cwd())
+    return e.value.errors
+
+
+def test_embedded_exchange_from_a_file_relative_to_the_sidecar_config(tmp_path: Path) -> None:
+    """exchange.config is read relative to the sidecar config's folder."""
+    (tmp_path / "exchange.yaml").write_text(
+        "trusted_issuers: [{issuer: 'http://127.0.0.1:8080'}]\n"
+        "zones: {red: {audiences: [billing]}}\n"
+        "clients: [{client_id: shop, client_secret: s, zones: [red]}]\n"
+    )
+    document = {
+        "exchange": {"mode": "embedded", "config": "exchange.yaml", "client_id": "shop"},
+        "routes": [{"upstream": "http://127.0.0.1:9001", "audience": "billing"}],
+    }
+    config = parse_sidecar_config(document, tmp_path)
+    assert config.exchange is not None and config.exchange.mode == "embedded"
+    assert list(config.exchange.core.zones) == ["red"]  # type: ignore[union-attr]
+
+
+def test_inline_core_errors_are_reported_under_exchange_core() -> None:
+    """A bad inline exchange config is reported at its path below exchange.core."""
+    document = {
+        "exchange": {
+            "mode": "embedded",
+            "client_id": "shop",
+            "core": {"trusted_issuers": [{"issuer": "ftp://x"}], "zones": {}, "clients": []},
+        },
+        "routes": [{"upstream": "http://127.0.0.1:9001"}],
+    }
+    errors = _errors(document)
+    assert any(e.startswith("exchange.core.trusted_issuers[0].issuer:") for e in errors), errors
+    assert any(e.startswith("exchange.core.zones:") for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("exchange", "error"),
+    [
+        ({"mode": "remote", "client_id": "c", "token_endpoint": "http://x/token"}, "exchange.client_secret"),
+        ({"mode": "remote", "client_id": "c", "client_secret": "s"}, "exchange.token_endpoint"),
+        ({"mode": "remote", "client_id": "c", "client_secret": "s", "issuer": "http://x",
+          "private_key_file": "/nonexistent.pem"}, "exchange.client_secret"),
+        ({"mode": "remote", "client_id": "c", "issuer": "http://x", "private_key_file": "/nonexistent.pem"},
+         "exchange.private_key_file"),
+        ({"mode": "embedded", "client_id": "c"}, "exchange.config"),
+        ({"mode": "sideways", "client_id": "c"}, "exchange.mode"),
+    ],
+)  # fmt: skip
+def test_exchange_config_errors_name_the_yaml_path(exchange: dict[str, Any], error: str) -> None:
+    """Remote mode needs one endpoint and one credential; errors say where."""
+    errors = _errors({"exchange": exchange, "routes": [{"upstream": "http://127.0.0.1:9001"}]})
+    assert any(e.startswith(error) for e in errors), errors
+
+
+def test_route_without_any_exchange_is_an_error() -> None:
+    """Without a top-level exchange every route must name its own."""
+    routes = [{"upstream": "http://x"}, {"upstream": "http://y", "exchange": EXCHANGE}]
+    assert _errors({"routes": routes}) == [
+        "routes[0].exchange: required: no top-level exchange is set"
+    ]
+
+
+def test_route_exchange_is_its_own_in_the_cache_identity() -> None:
+    """A route naming its own exchange gets a distinct exchanger (segregated deployment)."""
+    other = {**EXCHANGE, "token_endpoint": "http://127.0.0.1:8082/token"}
+    routes = [{"upstream": "http://x"}, {"upstream": "http://y", "exchange": other}]
+    config = parse_sidecar_config({"exchange": EXCHANGE, "routes": routes}, Path.cwd())
+    assert len(config.exchanges()) == 2
+    assert config.exchange_for(config.routes[1]).identity.startswith("remote:http://127.0.0.1:8082")

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import aiohttp
 import jwt
 import pytest
 import requests
+import trustme
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -466,6 +468,29 @@ def closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+async def test_https_upstream_is_trusted_through_the_configured_ca_bundle(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """TLS to an https upstream is verified against upstream.ca_file; without it, 502."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    red = Backend("red")
+    red_server = await aiohttp_server(red.app(), host="127.0.0.1", ssl=server_tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    subject = op.login("alice")
+    for ca_file, status in (("ca.pem", 201), (None, 502)):
+        document = sidecar_document(op, f"https://127.0.0.1:{red_server.port}", closed_port_url())
+        document["upstream"]["ca_file"] = ca_file
+        config = parse_sidecar_config(document, tmp_path)
+        proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+        async with aiohttp.ClientSession() as session:
+            url = str(proxy.make_url("/red/x"))
+            async with session.get(url, headers={"Authorization": f"Bearer {subject}"}) as r:
+                assert r.status == status
+    assert len(red.seen) == 1
 
 
 # -- websocket ---------------------------------------------------------------------------------
