@@ -157,9 +157,9 @@ def connect_refused() -> ProxyError:
 # -- headers -------------------------------------------------------------------------------------
 
 
-def connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     """Header names listed in ``Connection`` (RFC 9110 §7.6.1): hop-by-hop too."""
-    values = headers.getall("Connection", []) if isinstance(headers, CIMultiDictProxy) else []
+    values = headers.getall("Connection", [])
     return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
 
 
@@ -270,11 +270,14 @@ class Proxy:
     def _record(self, request: web.Request, call: Call) -> None:
         seconds = time.monotonic() - call.started
         self.metrics.observe_request(call.route, call.status, seconds)
-        log.info(
-            "%s %s", request.method, call.route,
-            extra={"method": request.method, "route": call.route, "status": call.status,
-                   "duration_ms": round(seconds * 1000, 1), "subject": call.subject},
-        )  # fmt: skip
+        entry = {
+            "method": request.method,
+            "route": call.route,
+            "status": call.status,
+            "duration_ms": round(seconds * 1000, 1),
+            "subject": call.subject,  # a short SHA-256 handle, never the token
+        }
+        log.info("request", extra=entry)
 
     async def _handle(self, request: web.Request, call: Call) -> web.StreamResponse:
         if request.method == "CONNECT":

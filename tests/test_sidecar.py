@@ -318,6 +318,14 @@ async def test_forward_mode_with_http_proxy_from_the_environment(
     assert (await running.zone_claims(token, "red", "billing"))["sub"] == "alice"
 
 
+async def test_head_gets_the_upstream_headers_and_no_body(running: Running) -> None:
+    """HEAD is relayed: the upstream's status and Content-Length, no body."""
+    subject = running.op.login("alice")
+    async with running.session.head(running.url("/red/x"), headers=running.bearer(subject)) as r:
+        assert (r.status, r.headers["Content-Length"], await r.read()) == (201, "7", b"")
+    assert running.red.seen[-1].method == "HEAD"
+
+
 async def test_a_16_kib_subject_token_passes(running: Running) -> None:
     """Header limits are raised: a 16 KiB JWT gets through the proxy listener."""
     subject = running.op.mint({"padding": "p" * 11500})
