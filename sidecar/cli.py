@@ -96,7 +96,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from exchange.explain import main as explain_main
+    from sidecar.explain import main as explain_main
 
     return explain_main(args)
 

@@ -1,0 +1,123 @@
+"""``zonegate explain``: run the core's whole decision for a token, print every step, mint nothing."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import jwt
+
+from exchange import mint
+from exchange.config import ExchangeConfig, load_exchange_config
+from exchange.configload import load_yaml
+from exchange.core import ExchangeCore, Trace, subject_hash
+from exchange.errors import ExchangeError
+from exchange.keys import KeyRing
+from exchange.tokens import TokenExchangeRequest, parse_scope
+from sidecar.cli import config_kind
+from sidecar.config import EmbeddedExchange, load_sidecar_config
+
+
+def read_token(value: str) -> str:
+    """The token itself, from the argument, ``@FILE`` or ``-`` (stdin): keeps it out of ps."""
+    if value == "-":
+        return sys.stdin.read().strip()
+    if value.startswith("@"):
+        return Path(value[1:]).read_text().strip()
+    return value.strip()
+
+
+def load_config(path: Path) -> tuple[ExchangeConfig, str | None]:
+    """The exchange config (and client), from an exchange config or an embedded sidecar config."""
+    if config_kind(load_yaml(path)) != "sidecar":
+        return load_exchange_config(path), None
+    exchange = load_sidecar_config(path).exchange
+    if not isinstance(exchange, EmbeddedExchange):
+        raise SystemExit(
+            f"{path}: the sidecar's exchange is remote; run explain with the exchange server's config"
+        )
+    return exchange.core, exchange.client_id
+
+
+def pick_client(config: ExchangeConfig, wanted: str | None, default: str | None) -> str:
+    """--client, else the sidecar's client, else the only configured client."""
+    if wanted or default:
+        return str(wanted or default)
+    if len(config.clients) == 1:
+        return next(iter(config.clients))
+    raise SystemExit("several clients are configured: name one with --client")
+
+
+def _line(out: TextIO, mark: str, step: str, detail: str) -> None:
+    out.write(f"  {mark} {step:<22} {detail}\n")
+
+
+async def explain(
+    config: ExchangeConfig, request: TokenExchangeRequest, client_id: str, out: TextIO
+) -> int:
+    """Print the decision for ``request``; 0 when a token would be issued, 1 when refused."""
+    core = ExchangeCore(config, keyring=KeyRing(config))
+    trace = Trace()
+    now = time.time()
+    out.write(
+        f"subject token sha256:{subject_hash(request.subject_token)} ({len(request.subject_token)} bytes)\n"
+    )
+    _describe_unverified(request.subject_token, out)
+    try:
+        client = core.client(client_id)
+        verified = await core.verify(request, client, now, trace)
+    except ExchangeError as e:
+        for step, detail in trace.steps:
+            _line(out, "✓", step, detail)
+        _line(out, "✗", "refused", f"{e.error} ({e.status_hint}): {e.description}")
+        return 1
+    finally:
+        await core.close()
+    for step, detail in trace.steps:
+        _line(out, "✓", step, detail)
+    claims = mint.claims_for(
+        verified.decision,
+        issuer=config.zone_issuer(verified.decision.zone.name),
+        client_id=client_id,
+        now=now,
+        jti="(random)",
+    )
+    out.write("would issue a token with claims:\n")
+    out.write(json.dumps(claims, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _describe_unverified(token: str, out: TextIO) -> None:
+    try:
+        header: dict[str, Any] = jwt.get_unverified_header(token)
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        out.write("  (not a decodable JWT)\n")
+        return
+    seen = {k: header.get(k) for k in ("alg", "kid", "typ")}
+    out.write(f"  header {json.dumps(seen)}\n")
+    if isinstance(claims, dict):
+        shown = {k: claims.get(k) for k in ("iss", "sub", "aud", "exp", "scope") if k in claims}
+        out.write(f"  claims (unverified) {json.dumps(shown)}\n")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``zonegate explain``."""
+    config, default_client = load_config(args.config)
+    try:
+        request = TokenExchangeRequest(
+            subject_token=read_token(args.subject_token),
+            audience=tuple(args.audience),
+            resource=tuple(args.resource),
+            scope=parse_scope(args.scope) if args.scope is not None else None,
+        )
+    except ExchangeError as e:
+        print(f"zonegate explain: {e.error}: {e.description}", file=sys.stderr)
+        return 1
+    client_id = pick_client(config, args.client, default_client)
+    return asyncio.run(explain(config, request, client_id, sys.stdout))
