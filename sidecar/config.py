@@ -72,15 +72,6 @@ class RemoteExchange:
     def identity(self) -> str:
         return f"remote:{self.token_endpoint or self.issuer}:{self.client_id}"
 
-    @property
-    def auth(self) -> str:
-        """The client authentication method the credential implies."""
-        if self.private_key_file is not None:
-            return "private_key_jwt"
-        if self.service_account_token_file is not None:
-            return "kubernetes"
-        return "client_secret_basic"
-
 
 ExchangeSettings = EmbeddedExchange | RemoteExchange
 

@@ -44,7 +44,6 @@ from sidecar.config import EmbeddedExchange, RemoteExchange
 log = logging.getLogger("zonegate.sidecar.exchanger")
 
 ASSERTION_LIFETIME = 60
-DEFAULT_RETRY_AFTER = 2
 MAX_ANSWER_BYTES = 1 << 20
 
 
@@ -243,7 +242,8 @@ def read_answer(status: int, headers: Any, body: bytes) -> Exchanged:
         if not isinstance(code, str):
             raise ExchangeError(f"token endpoint answered {status} without an OAuth error")
         description = document.get("error_description") if document else None
-        raise error_from_code(code, str(description or code))
+        retry_after = _retry_after(headers.get("Retry-After"))  # e.g. 429 slow_down
+        raise error_from_code(code, str(description or code), retry_after)
     return _token_of(document)
 
 
@@ -285,10 +285,11 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return document if isinstance(document, dict) else None
 
 
-def _retry_after(value: str | None) -> int:
+def _retry_after(value: str | None) -> int | None:
+    """A delta-seconds Retry-After, bounded; None when absent or an HTTP date."""
     if value is not None and value.strip().isdigit():
         return max(1, min(int(value), 300))
-    return DEFAULT_RETRY_AFTER
+    return None
 
 
 # -- client authentication --------------------------------------------------------------------
