@@ -196,7 +196,7 @@ class RemoteExchanger:
             async with self.session.post(
                 endpoint, data=data, headers=headers, allow_redirects=False
             ) as response:
-                body = await response.content.read(MAX_ANSWER_BYTES)
+                body = await _read_bounded(response)
                 return read_answer(response.status, response.headers, body)
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
             raise _Retryable(
@@ -208,6 +208,16 @@ class RemoteExchanger:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    """The whole answer body, refusing one larger than MAX_ANSWER_BYTES."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ExchangeError(f"token endpoint answer larger than {MAX_ANSWER_BYTES} bytes")
+    return bytes(body)
 
 
 class _Retryable(Exception):

@@ -16,10 +16,22 @@ from aiohttp.test_utils import TestServer
 
 from exchange.config import parse_exchange_config
 from exchange.devop import DevOpenIDProvider
+from exchange.errors import (
+    ExchangeError,
+    InvalidClient,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    SlowDown,
+    TemporarilyUnavailable,
+    UnauthorizedClient,
+)
 from exchange.keys import generate_private_key, signing_key, write_private_key
 from exchange.server import create_app
 from sidecar.app import SIDECAR, Sidecar, build_sidecar
 from sidecar.config import parse_sidecar_config
+from sidecar.exchanger import read_answer
+from sidecar.proxy import exchange_refusal
 from tests.conftest import exchange_document
 from tests.test_sidecar import Backend, wait_ready
 
@@ -282,3 +294,40 @@ async def test_not_ready_until_the_remote_exchange_is_reached(setup: Setup) -> N
         assert (await r.json())["checks"]["exchange_reached"] is False
     await setup.exchange.start()
     await wait_ready(setup.session, setup.admin_url("/readyz"))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error", "http_status"),
+    [
+        (400, b'{"error": "invalid_request", "error_description": "expired"}', InvalidRequest, 401),
+        (400, b'{"error": "invalid_target", "error_description": "no zone"}', InvalidTarget, 403),
+        (400, b'{"error": "invalid_scope"}', InvalidScope, 403),
+        (400, b'{"error": "unauthorized_client"}', UnauthorizedClient, 403),
+        (401, b'{"error": "invalid_client"}', InvalidClient, 502),
+        (400, b"<html>bad request</html>", ExchangeError, 502),
+        (200, b"not json", ExchangeError, 502),
+        (200, b'{"access_token": "t"}', ExchangeError, 502),
+        (200, b'{"access_token": "t", "token_type": "MAC"}', ExchangeError, 502),
+        (429, b'{"error": "slow_down"}', SlowDown, 503),
+    ],
+)
+def test_token_endpoint_answers_and_the_status_the_app_sees(
+    status: int, body: bytes, error: type[ExchangeError], http_status: int
+) -> None:
+    """Each answer is rebuilt as its error, and the app sees DESIGN.md's status for it."""
+    with pytest.raises(ExchangeError) as raised:
+        read_answer(status, {"Retry-After": "7"}, body)
+    assert type(raised.value) is error
+    refusal = exchange_refusal(raised.value)
+    assert refusal.status == http_status
+    if http_status == 503:
+        assert refusal.headers["Retry-After"] == "7"
+
+
+def test_5xx_answer_is_retryable_and_temporarily_unavailable() -> None:
+    """A 5xx is worth a retry; if it stays, the app sees 503 with the server's Retry-After."""
+    with pytest.raises(Exception) as raised:
+        read_answer(502, {"Retry-After": "9"}, b"bad gateway")
+    error = getattr(raised.value, "error", None)
+    assert isinstance(error, TemporarilyUnavailable)
+    assert exchange_refusal(error).headers["Retry-After"] == "9"
