@@ -7,8 +7,8 @@ import contextlib
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
