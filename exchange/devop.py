@@ -113,7 +113,9 @@ class DevOpenIDProvider:
                 "token_endpoint": f"{self.issuer}/token",
                 "response_types_supported": ["token"],
                 "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": sorted({k.alg for k in self.keys.values()}),
+                "id_token_signing_alg_values_supported": sorted(
+                    {k.alg for k in self.keys.values()}
+                ),
                 "grant_types_supported": ["password"],
             }
         )

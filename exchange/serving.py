@@ -58,7 +58,10 @@ async def serve(
             port = _bound_port(runner)
             bound.append((listener.name, listener.host, port))
             scheme = "https" if listener.ssl_context else "http"
-            print(f"zonegate {listener.name} listening on {scheme}://{listener.host}:{port}", flush=True)
+            print(
+                f"zonegate {listener.name} listening on {scheme}://{listener.host}:{port}",
+                flush=True,
+            )
         if started is not None:
             started(bound)
         await stop.wait()

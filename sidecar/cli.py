@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="dry-run the core's decision, minting nothing")
     explain.add_argument("--config", required=True, type=Path, help="exchange or sidecar config")
-    explain.add_argument("--subject-token", required=True, help="the token, or @FILE, or - for stdin")
+    explain.add_argument(
+        "--subject-token", required=True, help="the token, or @FILE, or - for stdin"
+    )
     explain.add_argument("--audience", action="append", default=[])
     explain.add_argument("--resource", action="append", default=[])
     explain.add_argument("--scope")
