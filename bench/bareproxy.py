@@ -1,0 +1,67 @@
+"""The baseline: a bare aiohttp pass-through proxy, no routes, no tokens, no metrics, no logs.
+
+``python -m bench.bareproxy UPSTREAM_URL`` forwards every request to the upstream the way an
+idiomatic aiohttp proxy does, with the sidecar's own building blocks: its upstream session
+(``sidecar.app.upstream_session``), hop-by-hop filtering (``sidecar.proxy.end_to_end``) and
+chunked streaming both ways (``iter_chunked(CHUNK)`` into a ``StreamResponse``). It runs on
+uvloop through ``exchange.serving``, as the sidecar does. What the sidecar costs beyond this is
+what its routing, token cache, metrics and request log cost.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from exchange.serving import Listener, run, serve
+from sidecar.app import upstream_session
+from sidecar.config import SidecarConfig
+from sidecar.proxy import CHUNK, end_to_end
+
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def build_app(upstream: URL) -> web.Application:
+    """A catch-all forwarding app."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        session = request.app[SESSION]
+        data = request.content.iter_chunked(CHUNK) if request.body_exists else None
+        async with session.request(
+            request.method,
+            upstream.join(request.rel_url),
+            headers=end_to_end(request.headers, ("host",)),
+            data=data,
+            allow_redirects=False,
+        ) as answer:
+            response = web.StreamResponse(
+                status=answer.status, reason=answer.reason, headers=end_to_end(answer.headers)
+            )
+            await response.prepare(request)
+            async for chunk in answer.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        app[SESSION] = upstream_session(SidecarConfig(routes=()))
+        yield
+        await app[SESSION].close()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    app.cleanup_ctx.append(session)
+    return app
+
+
+def main(argv: list[str]) -> int:
+    app = build_app(URL(argv[0]))
+    return run(serve([Listener("bare", app, "127.0.0.1", 0)], grace=1.0))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
