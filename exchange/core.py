@@ -44,6 +44,42 @@ class Verified:
     decision: policy.Decision
 
 
+def _words(values: tuple[str, ...] | None) -> str:
+    return " ".join(values) if values else "(none)"
+
+
+def _explain_decision(
+    note: Trace,
+    request: TokenExchangeRequest,
+    client: ClientConfig,
+    decision: policy.Decision,
+    subject: dict[str, Any],
+    now: float,
+    config: ExchangeConfig,
+) -> None:
+    """The policy steps, in words an operator can check against the config."""
+    zone = decision.zone
+    targets = _words(request.targets) if request.targets else f"none: default_zone {zone.name}"
+    note("zone", f"{zone.name} (issuer {config.zone_issuer(zone.name)}) selected by {targets}")
+    note("client", f"{client.client_id} may use zones {_words(client.zones)}")
+    requested = _words(request.scope) if request.scope is not None else "(omitted: all allowed)"
+    note(
+        "scope",
+        f"granted {_words(decision.scope)} = requested {requested} ∩ zone {_words(zone.scopes)}"
+        f" ∩ client {_words(client.scopes)}",
+    )
+    remaining = int(float(subject["exp"]) - now)
+    note(
+        "lifetime",
+        f"{decision.lifetime} s = min(zone token_lifetime {zone.token_lifetime} s, "
+        f"subject's remaining {remaining} s)",
+    )
+    note(
+        "claims",
+        f"sub from {zone.claims.sub!r}; copied: {_words(zone.claims.copy)}; others dropped",
+    )
+
+
 class ExchangeCore:
     """Validates subject tokens, applies policy and mints zone tokens."""
 
@@ -139,10 +175,8 @@ class ExchangeCore:
         if request.actor_token is not None:
             actor = await self._verify_token(request.actor_token, "actor_token", now, note)
         decision = policy.decide(request, client, self.config, self._index, subject, actor, now)
-        note("zone", f"{decision.zone.name} (issuer {self.config.zone_issuer(decision.zone.name)})")
-        note("client", f"{client.client_id} may use zones {', '.join(client.zones)}")
-        note("scope", " ".join(decision.scope) or "(none)")
-        note("lifetime", f"{decision.lifetime} s")
+        if trace is not None:
+            _explain_decision(trace, request, client, decision, subject, now, self.config)
         return Verified(subject, actor, decision)
 
     async def _verify_token(
