@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,7 @@ def _describe_unverified(token: str, out: TextIO) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``zonegate explain``."""
+    logging.getLogger("zonegate.keys").setLevel(logging.ERROR)  # nothing is signed here
     config, default_client = load_config(args.config)
     try:
         request = TokenExchangeRequest(
