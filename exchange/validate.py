@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +144,13 @@ def _number(claims: Mapping[str, Any], name: str, what: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{what} {name} claim must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError as e:  # an integer beyond any float: 10**400
+        raise InvalidRequest(f"{what} {name} claim is out of range") from e
+    if not math.isfinite(number):  # JSON parsers accept NaN and Infinity; no time is either
+        raise InvalidRequest(f"{what} {name} claim must be a finite number")
+    return number
 
 
 def _validate_exp(claims: Mapping[str, Any], now: float, leeway: int, what: str) -> None:
