@@ -38,13 +38,18 @@ class FetchFailed(Exception):
 
 
 def max_age(cache_control: str | None, default: int, upper: int) -> int:
-    """Seconds a document stays fresh per its Cache-Control, within [60, upper]."""
+    """Seconds a document stays fresh per its Cache-Control, within [min(60, upper), upper].
+
+    ``upper`` (``jwks_max_age``) always wins: held keys must be refreshed before they age past
+    ``jwks_max_age + jwks_stale_for``, or they would stop working while the issuer is up.
+    """
+    floor = min(MIN_MAX_AGE, upper)
     if cache_control:
         if re.search(r"\bno-(cache|store)\b", cache_control):
-            return MIN_MAX_AGE
+            return floor
         m = re.search(r"\bmax-age=(\d+)", cache_control)
         if m:
-            return max(MIN_MAX_AGE, min(int(m.group(1)), upper))
+            return max(floor, min(int(m.group(1)), upper))
     return min(default, upper)
 
 
