@@ -30,7 +30,7 @@ from exchange.core import ExchangeCore, subject_hash
 from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
 from exchange.httpdocs import zone_routes
 from exchange.issuers import HttpFetcher
-from exchange.logsetup import setup_logging
+from exchange.logsetup import quiet_parse_errors, setup_logging
 from exchange.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
 from exchange.ratelimit import RateLimiter
 from exchange.serving import Listener, run, serve
@@ -272,7 +272,7 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     form = await read_form(request)
     exchange_request = parse_token_request(form)
     outcome.subject = subject_hash(exchange_request.subject_token)
-    presented = presented_credentials(request.headers.get(hdrs.AUTHORIZATION), form)
+    presented = presented_credentials(authorization(request), form)
     client = await service.auth.authenticate(presented)
     outcome.client = client.client_id
     CLIENT_ID.set(client.client_id)
@@ -281,6 +281,14 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     response = await service.core.exchange(exchange_request, client=client)
     outcome.jti = str(response.claims.get("jti"))
     return response
+
+
+def authorization(request: web.Request) -> str | None:
+    """The one Authorization header; two of them are ambiguous, so refused (RFC 9110 §5.3)."""
+    values = request.headers.getall(hdrs.AUTHORIZATION, [])
+    if len(values) > 1:
+        raise InvalidRequest("Authorization must not be repeated")
+    return values[0] if values else None
 
 
 def _audit(outcome: Outcome) -> None:
@@ -397,6 +405,7 @@ def build_app(
     ``config_path``: reload (SIGHUP) re-reads it; without it, reload re-reads zone key files only.
     ``owns_core``: close the core on cleanup. ``create_app`` wires all of this from a config.
     """
+    quiet_parse_errors()  # no request bytes (tokens) or tracebacks in logs, embedded or not
     metrics = metrics or ExchangeMetrics()
     shared = fetcher or HttpFetcher(core.config.fetch_timeout)
     service = Service.build(core, shared, metrics, shares_fetcher=fetcher is not None)
