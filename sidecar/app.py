@@ -157,6 +157,10 @@ def _admin_lifecycle(sidecar: Sidecar) -> Callable[[web.Application], AsyncItera
     return lifecycle
 
 
+async def _unreachable(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()  # the proxy middleware never calls its handler
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
     return web.json_response({"status": "ok"})
@@ -199,6 +203,10 @@ def build_sidecar(
     }
     proxy_app = web.Application(middlewares=[sidecar.proxy.middleware], handler_args=header_limits)
     proxy_app[SIDECAR] = sidecar
+    # The middleware answers every request. This catch-all route only spares aiohttp a 404
+    # match (an HTTPNotFound built, raised and collected per request) and lets it cache the
+    # middleware chain: about 7% of a cache hit's CPU (docs/benchmarks.md).
+    proxy_app.router.add_route("*", "/{tail:.*}", _unreachable)
     proxy_app.cleanup_ctx.append(_proxy_lifecycle(sidecar))
 
     admin_app = web.Application()
