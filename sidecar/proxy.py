@@ -29,7 +29,6 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from exchange.core import subject_hash
 from exchange.errors import (
     ExchangeError,
     InvalidRequest,
@@ -332,8 +331,8 @@ class Proxy:
                 {"WWW-Authenticate": 'Bearer realm="zonegate"'},
             )
         exchanger = self.exchangers[self.config.exchange_for(route).identity]
-        call.subject = subject_hash(subject_token)
         call.key = CacheKey.of(subject_token, route.target, exchanger.identity)
+        call.subject = call.key.subject_sha256[:12]  # = subject_hash(token), without a 2nd SHA-256
         try:
             return await self.cache.get(
                 call.key, lambda: self._exchange(exchanger, route, subject_token)
