@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import socket
 import sys
@@ -569,3 +570,79 @@ async def test_sigterm_during_load_fails_no_request_in_flight(
     assert statuses(results) == {201: 20}
     assert await sidecar.wait() == 0
     register_secret(subject)
+
+
+# -- reload on SIGHUP -------------------------------------------------------------------------------
+
+
+@dataclass
+class Steady:
+    """A bounded background load (at most ``limit`` requests, ``seconds`` long) until stopped."""
+
+    one: Callable[[int], Awaitable[Result]]
+    limit: int = 2000
+    seconds: float = 15.0
+    results: list[Result] = field(default_factory=list)
+    stopped: bool = False
+
+    async def run(self, workers: int = 4) -> list[Result]:
+        deadline = time.monotonic() + self.seconds
+
+        async def worker(w: int) -> None:
+            i = w
+            while (
+                not self.stopped and len(self.results) < self.limit and time.monotonic() < deadline
+            ):
+                self.results.append(await self.one(i))
+                i += workers
+
+        await asyncio.gather(*(worker(w) for w in range(workers)))
+        return self.results
+
+    async def until(self, check: Callable[[Result], bool], timeout: float = 5.0) -> None:
+        """Wait until a result arriving from now on satisfies ``check``."""
+        seen = len(self.results)
+        async with asyncio.timeout(timeout):
+            while not any(check(r) for r in self.results[seen:]):
+                await asyncio.sleep(0.02)
+
+
+def expires_in(result: Result) -> int | None:
+    return json.loads(result.body).get("expires_in") if result.status == 200 else None
+
+
+async def test_exchange_sighup_reload_under_load(
+    op: DevOpenIDProvider, programs: Callable[..., Program], tmp_path: Path
+) -> None:
+    """`zonegate exchange` under steady load: a valid new config (red lifetime 300 -> 120) takes
+    effect on SIGHUP; an invalid one is refused, its errors logged by YAML path, and 120 stays;
+    not one request of the load fails."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    document = exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
+    config = write_yaml(tmp_path / "exchange.yaml", document)
+    exchange = programs("exchange", "--config", str(config))
+    await exchange.start()
+    async with aiohttp.ClientSession() as session:
+        client = Exchange(url, op, session)
+        steady = Steady(lambda i: client.post(client.form()))
+        running = asyncio.create_task(steady.run())
+        await steady.until(lambda r: expires_in(r) == 300)
+        document["zones"]["red"]["token_lifetime"] = 120
+        write_yaml(config, document)
+        exchange.signal(signal.SIGHUP)
+        await steady.until(lambda r: expires_in(r) == 120)
+        config.write_text(yaml.safe_dump(document) + "zones_typo: {}\n")
+        exchange.signal(signal.SIGHUP)
+        refused = await exchange.wait_for_log("config reload refused")
+        assert "zones_typo" in refused
+        mark = len(steady.results)
+        async with asyncio.timeout(5):
+            while len(steady.results) < mark + 20:
+                await asyncio.sleep(0.02)
+        steady.stopped = True
+        results = await running
+    assert statuses(results) == {200: len(results)}, statuses(results)
+    assert {expires_in(r) for r in results[mark:]} == {120}  # the old (valid) config serves
+    exchange.signal(signal.SIGTERM)
+    assert await exchange.wait() == 0
