@@ -4,7 +4,9 @@ A request target is first normalised (RFC 3986 §6.2.2: percent-encoded unreserv
 decoded, dot segments removed) so ``/green/../red/x`` or ``/green/%2e%2e/red`` is matched,
 and forwarded, as the ``/red/x`` an upstream would see. What cannot be normalised without
 changing its meaning is refused: an encoded ``/`` or ``\\`` (``%2f``, ``%5c``), a raw ``\\``,
-NUL, or a path that climbs above the root. Routes are tried in order; the first match wins.
+NUL, a double-encoded dot, slash, backslash or NUL (``%252e``), a dot segment with parameters
+(``..;``, which Tomcat-style servers treat as ``..``), or a path that climbs above the root.
+Routes are tried in order; the first match wins.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from sidecar.config import Route
 _UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|5[fF]|7[eE]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9])")
 _FORBIDDEN_ESCAPE = re.compile(r"%(2[fF]|5[cC]|00)")
 _ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
+# "%25" before an encoded dot, slash, backslash or NUL: one more decoding upstream makes it one.
+_DOUBLE_ESCAPE = re.compile(r"%25(2[eEfF]|5[cC]|00)")
+_PATH_PARAMS = re.compile(r";|%3[bB]")
 
 
 class BadPath(ValueError):
@@ -43,6 +48,11 @@ def normalise_path(raw_path: str) -> str:
     if _FORBIDDEN_ESCAPE.search(raw_path):
         raise BadPath("encoded '/', '\\' or NUL in the path cannot be routed unambiguously")
     decoded = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), raw_path)
+    if _DOUBLE_ESCAPE.search(decoded):
+        raise BadPath("a double-encoded '.', '/', '\\' or NUL cannot be routed unambiguously")
+    for segment in decoded.split("/"):
+        if segment not in (".", "..") and _PATH_PARAMS.split(segment, 1)[0] in (".", ".."):
+            raise BadPath("a dot segment with parameters ('..;') cannot be routed unambiguously")
     return remove_dot_segments(decoded)
 
 
@@ -112,7 +122,8 @@ def host_matches(pattern: str, host: str | None) -> bool:
 def _hostname(authority: str) -> str:
     if authority.startswith("["):
         return authority.split("]", 1)[0] + "]"
-    return authority.rsplit(":", 1)[0] if ":" in authority else authority
+    name, colon, port = authority.rpartition(":")
+    return name if colon and port.isdigit() else authority  # "host:80@evil" is no host:port
 
 
 def prefix_rest(prefix: str, path: str) -> str | None:
