@@ -24,7 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from exchange.httpdocs import zone_routes
-from exchange.logsetup import setup_logging
+from exchange.logsetup import quiet_parse_errors, setup_logging
 from exchange.serving import Listener, run, serve
 from sidecar.cache import Clock, TokenCache
 from sidecar.config import SidecarConfig, load_sidecar_config
@@ -197,6 +197,7 @@ def build_sidecar(
     exchangers: dict[str, Exchanger] | None = None,
 ) -> tuple[web.Application, web.Application]:
     """The proxy app and the admin app of one sidecar, ready to be served (or test-served)."""
+    quiet_parse_errors()  # an unparsable request's bytes (its token) never reach the logs
     sidecar = Sidecar(config, clock=clock, exchangers=exchangers)
     header_limits = {
         "max_line_size": config.max_header_size,
