@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# System tools the tests use: promtool (Debian's prometheus package).
+# System tools the tests use: promtool (Debian's prometheus package); wrk, hey and nginx for
+# the benchmark (tests/test_bench.py runs it once at a tiny size).
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@missing=""; for t in wrk hey; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	  [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$$missing nginx-light"; \
+	  [ -z "$$missing" ] || { echo "installing$$missing"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 
 demo: install
 	$(BIN)/zonegate demo
@@ -38,7 +43,7 @@ pytest: install tools
 
 test: lint typecheck pytest
 
-bench: install
+bench: install tools
 	$(BIN)/python -m bench
 
 clean:
