@@ -19,6 +19,8 @@ from exchange.config import TrustedIssuer
 from exchange.errors import InvalidRequest
 
 MAX_KID_LENGTH = 256
+_JWT = jwt.PyJWT()
+_JWS = jwt.PyJWS()
 # Key types each algorithm family may verify with: "alg confusion" stops here.
 ALG_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
@@ -61,9 +63,9 @@ def peek(token: str, *, what: str, max_size: int) -> Unverified:
         raise InvalidRequest(f"{what} is larger than {max_size} bytes")
     if token.count(".") != 2:
         raise InvalidRequest(f"{what} is not a JWT (compact JWS has three dot-separated parts)")
-    try:
-        header = jwt.get_unverified_header(token)
-        claims = jwt.decode(token, options={"verify_signature": False})
+    try:  # one parse for header and payload; verify() then checks the signature only
+        decoded = _JWT.decode_complete(token, options={"verify_signature": False})
+        header, claims = decoded["header"], decoded["payload"]
     except (jwt.PyJWTError, ValueError, TypeError, binascii.Error, json.JSONDecodeError) as e:
         raise InvalidRequest(f"{what} is not a well-formed JWT: {_reason(e)}") from e
     if not isinstance(claims, dict):
@@ -90,23 +92,13 @@ def verify(
             f"(allowed: {', '.join(issuer.algorithms)})"
         )
     _check_key_fits(token, alg, key)
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            raw,
-            key.key,
-            algorithms=[alg],
-            options={
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": False,
-                "verify_iss": False,
-            },
-        )
+    try:  # the signature covers the very bytes peek() parsed: its claims are now verified
+        _JWS.decode_complete(raw, key.key, algorithms=[alg])
     except jwt.InvalidSignatureError as e:
         raise InvalidRequest(f"{token.what} signature does not verify") from e
     except (jwt.PyJWTError, ValueError, TypeError) as e:
         raise InvalidRequest(f"{token.what} cannot be verified: {_reason(e)}") from e
+    claims = dict(token.claims)
     validate_claims(claims, issuer=issuer, now=now, leeway=leeway, what=token.what)
     return claims
 
