@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from exchange.configload import ConfigError
 from exchange.httpdocs import zone_routes
 from exchange.logsetup import quiet_parse_errors, setup_logging
 from exchange.serving import Listener, run, serve
@@ -30,11 +31,13 @@ from sidecar.cache import Clock, TokenCache
 from sidecar.config import SidecarConfig, load_sidecar_config
 from sidecar.exchanger import EmbeddedExchanger, Exchanger, build_exchanger
 from sidecar.metrics import SidecarMetrics
-from sidecar.proxy import Proxy
+from sidecar.proxy import Handler, Proxy, Upstream
 
 log = logging.getLogger("zonegate.sidecar")
 
 REACH_BACKOFF = (0.2, 5.0)  # first and largest pause between attempts to reach an exchanger
+REACH_ON_RELOAD = 5.0  # seconds a reload waits for a new exchanger to answer once
+RETIRE_AFTER_MAX = 60.0  # a replaced generation closes after min(shutdown_grace, this)
 
 
 @dataclass
@@ -72,11 +75,94 @@ class Sidecar:
         self.config = config
         self.readiness = Readiness()
         self.metrics = SidecarMetrics(lambda: len(self.cache))
+        self._clock = clock
         self.cache = TokenCache(config.cache, clock=clock, on_event=self.metrics.observe_cache)
         self.exchangers: dict[str, Exchanger] = exchangers or {
             identity: build_exchanger(settings) for identity, settings in config.exchanges().items()
         }
         self.proxy = Proxy(config, self.cache, self.exchangers, self.metrics)
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Each request is answered by the proxy in force when it arrived, to its end."""
+        return await self.proxy.middleware(request, handler)
+
+    async def reload(self, path: Path) -> bool:
+        """SIGHUP: re-read the config, build routes, exchangers and cache, swap them in at once.
+
+        An invalid config is refused with its errors logged; the old one keeps serving. Exchangers
+        whose settings did not change are kept (their connections and issuer keys with them);
+        the replaced ones close once requests in flight had ``shutdown_grace`` to finish.
+        """
+        try:
+            config = load_sidecar_config(path)
+            exchangers = self._exchangers_for(config)
+        except (ConfigError, ValueError, OSError) as e:
+            errors = e.errors if isinstance(e, ConfigError) else [str(e)]
+            log.error(
+                "config reload refused; the previous config keeps serving",
+                extra={"config": str(path), "errors": errors},
+            )
+            return False
+        for listener in ("listen", "admin_listen"):
+            if getattr(config, listener) != getattr(self.config, listener):
+                log.warning("%s changed in config: takes effect on restart only", listener)
+        await self._reach([e for i, e in exchangers.items() if self.exchangers.get(i) is not e])
+        cache = TokenCache(config.cache, clock=self._clock, on_event=self.metrics.observe_cache)
+        proxy = Proxy(config, cache, exchangers, self.metrics)
+        proxy.upstream = self._upstream_for(config)
+        old = (self.cache, self.exchangers, self.proxy.upstream)
+        self.config, self.cache, self.exchangers, self.proxy = config, cache, exchangers, proxy
+        self._retire(old[0], [e for i, e in old[1].items() if exchangers.get(i) is not e],
+                     old[2] if old[2] is not proxy.upstream else None)  # fmt: skip
+        log.info("config reloaded", extra={"config": str(path), "routes": len(config.routes)})
+        return True
+
+    def _exchangers_for(self, config: SidecarConfig) -> dict[str, Exchanger]:
+        before = self.config.exchanges()
+        return {
+            identity: (
+                self.exchangers[identity]
+                if before.get(identity) == settings and identity in self.exchangers
+                else build_exchanger(settings)
+            )
+            for identity, settings in config.exchanges().items()
+        }
+
+    async def _reach(self, exchangers: list[Exchanger]) -> None:
+        for exchanger in exchangers:
+            try:
+                await asyncio.wait_for(exchanger.start(), REACH_ON_RELOAD)
+            except Exception as e:  # reached on first use then; the reload goes on
+                log.warning(
+                    "exchange not reachable yet after reload: %s",
+                    type(e).__name__,
+                    extra={"exchange": exchanger.identity},
+                )
+
+    def _upstream_for(self, config: SidecarConfig) -> Upstream:
+        same = (config.upstream, config.max_header_size)
+        if same == (self.config.upstream, self.config.max_header_size):
+            return self.proxy.upstream
+        return configure_upstream(Upstream(), config)
+
+    def _retire(
+        self, cache: TokenCache, exchangers: list[Exchanger], upstream: Upstream | None
+    ) -> None:
+        async def later() -> None:
+            try:
+                await asyncio.sleep(min(self.config.shutdown_grace, RETIRE_AFTER_MAX))
+            finally:
+                await cache.close()
+                for exchanger in exchangers:
+                    await exchanger.close()
+                if upstream is not None and upstream.session is not None:
+                    await upstream.session.close()
+
+        task = asyncio.ensure_future(later())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     @property
     def embedded(self) -> EmbeddedExchanger | None:
@@ -103,6 +189,9 @@ class Sidecar:
         log.info("exchange reached; ready")
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()  # its cleanup runs now
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.cache.close()
         for exchanger in self.exchangers.values():
             await exchanger.close()
@@ -130,12 +219,17 @@ def upstream_session(config: SidecarConfig) -> aiohttp.ClientSession:
     )
 
 
+def configure_upstream(upstream: Upstream, config: SidecarConfig) -> Upstream:
+    """Give ``upstream`` its session and the TLS trust ``config`` names."""
+    if config.upstream.ca_file is not None:
+        upstream.ssl = ssl.create_default_context(cafile=str(config.upstream.ca_file))
+    upstream.session = upstream_session(config)
+    return upstream
+
+
 def _proxy_lifecycle(sidecar: Sidecar) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        upstream = sidecar.config.upstream
-        if upstream.ca_file is not None:
-            sidecar.proxy.upstream.ssl = ssl.create_default_context(cafile=str(upstream.ca_file))
-        sidecar.proxy.upstream.session = upstream_session(sidecar.config)
+        configure_upstream(sidecar.proxy.upstream, sidecar.config)
         reach = asyncio.ensure_future(sidecar.reach_exchangers())
         sidecar.readiness.proxy_started = True
         yield
@@ -203,7 +297,7 @@ def build_sidecar(
         "max_line_size": config.max_header_size,
         "max_field_size": config.max_header_size,
     }
-    proxy_app = web.Application(middlewares=[sidecar.proxy.middleware], handler_args=header_limits)
+    proxy_app = web.Application(middlewares=[sidecar.middleware], handler_args=header_limits)
     proxy_app[SIDECAR] = sidecar
     # The middleware answers every request. This catch-all route only spares aiohttp a 404
     # match (an HTTPNotFound built, raised and collected per request) and lets it cache the
@@ -218,21 +312,28 @@ def build_sidecar(
     )
     embedded = sidecar.embedded
     if embedded is not None:
-        admin_app.add_routes(zone_routes(lambda: embedded.core))
+        admin_app.add_routes(zone_routes(lambda: (sidecar.embedded or embedded).core))
     admin_app.cleanup_ctx.append(_admin_lifecycle(sidecar))
     return proxy_app, admin_app
 
 
-async def serve_sidecar(config: SidecarConfig) -> int:
-    """Serve both listeners until SIGTERM/SIGINT, then drain and return 0."""
+async def serve_sidecar(config: SidecarConfig, config_path: Path | None = None) -> int:
+    """Serve both listeners until SIGTERM/SIGINT, then drain and return 0; SIGHUP re-reads
+    ``config_path``."""
     proxy_app, admin_app = build_sidecar(config)
     sidecar = proxy_app[SIDECAR]
+
+    async def on_hup() -> None:
+        if config_path is not None:
+            await sidecar.reload(config_path)
+
     return await serve(
         [
             Listener("sidecar", proxy_app, *config.listen),
             Listener("admin", admin_app, *config.admin_listen),
         ],
         grace=config.shutdown_grace,
+        on_hup=on_hup,
         on_drain=sidecar.readiness.drain,
         started=_freeze_startup_objects,
     )
@@ -252,4 +353,4 @@ def main(config_path: Path, *, log_level: str = "INFO") -> int:
     """``zonegate sidecar --config F``."""
     setup_logging(log_level)
     config = load_sidecar_config(config_path)
-    return run(serve_sidecar(config))
+    return run(serve_sidecar(config, config_path))
