@@ -646,3 +646,78 @@ async def test_exchange_sighup_reload_under_load(
     assert {expires_in(r) for r in results[mark:]} == {120}  # the old (valid) config serves
     exchange.signal(signal.SIGTERM)
     assert await exchange.wait() == 0
+
+
+async def test_sidecar_sighup_reload_under_load(
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    programs: Callable[..., Program],
+    tmp_path: Path,
+) -> None:
+    """`zonegate sidecar` under steady load on /red/: a valid new config adding /green/ takes effect
+    on SIGHUP; an invalid one is refused with its errors by YAML path and /green/ stays; not one
+    request of the load fails, and the unchanged embedded exchange keeps its zone keys."""
+    red, green = Backend("red"), Backend("green")
+    red_url = str((await aiohttp_server(red.app(), host="127.0.0.1")).make_url("")).rstrip("/")
+    green_url = str((await aiohttp_server(green.app(), host="127.0.0.1")).make_url("")).rstrip("/")
+    routes = [
+        {
+            "name": "red",
+            "path_prefix": "/red/",
+            "strip_prefix": True,
+            "upstream": red_url,
+            "audience": "billing",
+        }
+    ]
+    document = embedded_sidecar_document(op, routes)
+    config = write_yaml(tmp_path / "sidecar.yaml", document)
+    sidecar = programs("sidecar", "--config", str(config))
+    listening = await sidecar.start()
+    headers = {"Authorization": f"Bearer {op.mint()}"}
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, listening["admin"] + "/readyz")
+        jwks_url = listening["admin"] + "/zones/red/jwks.json"
+        async with session.get(jwks_url) as r:
+            keys_before = await r.json()
+
+        async def green_status() -> int:
+            return (
+                await timed(session.get(f"{listening['sidecar']}/green/x", headers=headers))
+            ).status
+
+        assert await green_status() == 404
+        steady = Steady(
+            lambda i: timed(session.get(f"{listening['sidecar']}/red/{i}", headers=headers))
+        )
+        running = asyncio.create_task(steady.run())
+        await steady.until(lambda r: r.status == 201)
+        document["routes"] = [
+            *routes,
+            {
+                "name": "green",
+                "path_prefix": "/green/",
+                "upstream": green_url,
+                "audience": "orders",
+            },
+        ]
+        write_yaml(config, document)
+        sidecar.signal(signal.SIGHUP)
+        await sidecar.wait_for_log("config reloaded")
+        assert await green_status() == 201
+        document["routes"].append(
+            {"name": "broken", "path_prefix": "/broken/", "audience": "orders"}
+        )
+        write_yaml(config, document)
+        sidecar.signal(signal.SIGHUP)
+        refused = await sidecar.wait_for_log("config reload refused")
+        assert "routes[2].upstream" in refused
+        assert await green_status() == 201
+        await steady.until(lambda r: r.status == 201)
+        steady.stopped = True
+        results = await running
+        async with session.get(jwks_url) as r:
+            assert await r.json() == keys_before
+    assert statuses(results) == {201: len(results)}, statuses(results)
+    assert len(results) >= 20
+    sidecar.signal(signal.SIGTERM)
+    assert await sidecar.wait() == 0
