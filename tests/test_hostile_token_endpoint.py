@@ -778,3 +778,39 @@ async def test_unparsable_request_logs_no_header_bytes(target: Target, no_crash:
     refused = [r for r in no_crash.records if "unparsable HTTP request" in r.getMessage()]
     assert refused, "the refusal was not logged"
     assert all(token not in r.getMessage() and not r.exc_info for r in no_crash.records)
+
+
+# -- a client may only exchange subject tokens meant for it --------------------------------------
+
+
+async def test_a_client_cannot_exchange_a_token_issued_to_another_client(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory
+) -> None:
+    """With clients[].subject_audiences, shop-frontend exchanges only tokens whose aud names
+    "frontend", reports only those naming "reports-app"; the other's token is invalid_request."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    document = exchange_document(op, issuer=url)
+    document["trusted_issuers"][0]["audiences"] = ["frontend", "reports-app"]
+    shop, reports = document["clients"]
+    shop["subject_audiences"] = ["frontend"]
+    reports["subject_audiences"] = ["reports-app"]
+    await aiohttp_server(
+        create_app(parse_exchange_config(document, Path.cwd())), host="127.0.0.1", port=port
+    )
+    reports_auth = "Basic " + base64.b64encode(b"reports:s3cret-reports").decode()
+    async with aiohttp.ClientSession() as session:
+        target = Target(url, port, op, Trap(), session)
+        for aud, shop_status, reports_status in (
+            ("frontend", 200, 400),
+            ("reports-app", 400, 200),
+            (["frontend", "reports-app"], 200, 200),
+        ):
+            form = target.form(op.mint({"aud": aud}), audience="orders")
+            shop_answer = await target.post(form)
+            reports_answer = await target.post(form, authorization=reports_auth)
+            assert (shop_answer.status, reports_answer.status) == (shop_status, reports_status), aud
+            for answer in (shop_answer, reports_answer):
+                if answer.status == 400:
+                    assert_clear_4xx(answer, "invalid_request")
+                    assert "may present" in answer.json()["error_description"]
