@@ -39,7 +39,10 @@ class ParseErrorFilter(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
             reason = str(error.message).split("\n", 1)[0].rstrip(": ")[:100]
-            record.msg, record.args = "unparsable HTTP request refused (%s %s)", (error.code, reason)
+            record.msg, record.args = (
+                "unparsable HTTP request refused (%s %s)",
+                (error.code, reason),
+            )
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
