@@ -313,14 +313,14 @@ async def test_random_kid_flood_fetches_at_most_once_per_min_refresh(
     assert await exchange.metric(metric) - counted == fetches
 
 
-async def test_rate_limit_burst_then_refill(start_exchange: ExchangeFactory) -> None:
+async def test_rate_limit_burst_then_refill(
+    start_exchange: ExchangeFactory, op: DevOpenIDProvider
+) -> None:
     """10 concurrent requests of a client with burst 3: exactly 3 succeed, 7 get 429 slow_down
     with Retry-After; after waiting that long it may exchange again; others are unaffected."""
     limited = {"client_id": "limited", "client_secret": "s3cret-limited", "zones": ["red"],
-               "rate_limit": {"rate": 2, "burst": 3}}  # fmt: skip
-    exchange = await start_exchange()
-    document_clients = exchange_document(exchange.op)["clients"] + [limited]
-    exchange = await start_exchange(clients=document_clients)
+               "rate_limit": {"rate": 1, "burst": 3}}  # fmt: skip
+    exchange = await start_exchange(clients=[*exchange_document(op)["clients"], limited])
     auth = basic("limited", "s3cret-limited")
     results = await asyncio.gather(*(exchange.post(exchange.form(), auth) for _ in range(10)))
     assert statuses(list(results)) == {200: 3, 429: 7}
