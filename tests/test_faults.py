@@ -30,7 +30,8 @@ from exchange.server import create_app
 from exchange.tokens import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN
 from sidecar.app import build_sidecar
 from sidecar.config import parse_sidecar_config
-from tests.conftest import exchange_document, register_secret, scan_text
+from tests.conftest import exchange_document
+from tests.logchecks import register_secret, scan_text
 from tests.test_server import basic
 from tests.test_sidecar import Backend, wait_ready
 

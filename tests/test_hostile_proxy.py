@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,23 +30,13 @@ from tests.test_hostile_token_endpoint import (
     EXAMPLES,
     HEADER_TEXT,
     TRACEBACK_MARKERS,
-    Records,
     raw_exchange,
 )
 from tests.test_sidecar import Backend, wait_ready
 
+pytestmark = pytest.mark.usefixtures("no_crash")  # no error log, no traceback, ever
+
 RED_HOST = "billing.red.internal"
-
-
-@pytest.fixture(autouse=True)
-def no_crash() -> Iterator[Records]:
-    """Fails the test if anything logged an error or a traceback while it ran."""
-    records = Records()
-    root = logging.getLogger()
-    root.addHandler(records)
-    yield records
-    root.removeHandler(records)
-    assert not records.crashes(), records.crashes()
 
 
 @dataclass

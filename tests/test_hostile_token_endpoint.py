@@ -14,10 +14,9 @@ import hashlib
 import hmac
 import io
 import json
-import logging
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,9 @@ from exchange.tokens import (
     TOKEN_TYPE_ACCESS_TOKEN,
 )
 from tests.conftest import ServerFactory, exchange_document
+from tests.logchecks import Records
+
+pytestmark = pytest.mark.usefixtures("no_crash")  # no error log, no traceback, ever
 
 FORM = "application/x-www-form-urlencoded"
 SHOP = "Basic " + base64.b64encode(b"shop-frontend:s3cret-shop").decode()
@@ -82,35 +84,6 @@ class Trap:
         self.hits.append(request.path)
         jwks = {"keys": [ATTACKER.public_jwk]}
         return web.json_response(jwks if "jwks" in request.path else {"issuer": self.url})
-
-
-class Records(logging.Handler):
-    """Every log record of the test: none may be an error or carry a traceback."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def crashes(self) -> list[str]:
-        return [
-            f"{r.name}: {r.getMessage()[:120]}"
-            for r in self.records
-            if r.exc_info or r.levelno >= logging.ERROR
-        ]
-
-
-@pytest.fixture(autouse=True)
-def no_crash() -> Iterator[Records]:
-    """Fails the test if anything logged an error or a traceback while it ran."""
-    records = Records()
-    root = logging.getLogger()
-    root.addHandler(records)
-    yield records
-    root.removeHandler(records)
-    assert not records.crashes(), records.crashes()
 
 
 @dataclass

@@ -11,7 +11,8 @@ from aiohttp import web
 from exchange.devop import DevOpenIDProvider
 from exchange.keys import generate_private_key, private_key_pem, signing_key
 from exchange.metrics import ExchangeMetrics
-from tests.conftest import SCAN, SecretScan, ServerFactory, private_members
+from tests.conftest import ServerFactory
+from tests.logchecks import SCAN, SecretScan, private_members
 
 
 def leaks_in(text: str, scan: SecretScan) -> list[str]:
