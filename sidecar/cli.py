@@ -40,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", required=True, type=Path, help="YAML config file")
-        p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+        p.add_argument(
+            "--log-level",
+            default="INFO",
+            type=str.upper,
+            choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        )
         p.set_defaults(run=run)
 
     demo = sub.add_parser("demo", help="everything on 127.0.0.1 in one process")
