@@ -91,7 +91,7 @@ def _run_exchange(args: argparse.Namespace) -> int:
 
 
 def _run_injector(args: argparse.Namespace) -> int:
-    from sidecar.inject import main as injector_main
+    from sidecar.injector import main as injector_main
 
     return injector_main(args.config, log_level=args.log_level)
 
@@ -126,7 +126,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
         load_sidecar_config(path)
     elif kind == "injector":
-        from sidecar.inject import load_injector_config
+        from sidecar.injectconfig import load_injector_config
 
         load_injector_config(path)
     else:

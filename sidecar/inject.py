@@ -13,177 +13,31 @@ the pod, and the sidecar is a native sidecar (an init container with ``restartPo
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 import logging
-import os
-import re
-import ssl
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from exchange.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+from sidecar.injectconfig import (
+    CONFIG_ANNOTATION,
+    CONFIG_VOLUME,
+    DNS_SUBDOMAIN,
+    INJECT_LABEL,
+    OPERATIONS,
+    REVIEW_API_VERSION,
+    SIDECAR_CONFIG_FILE,
+    SIDECAR_NAME,
+    STATUS_ANNOTATION,
+    STATUS_INJECTED,
+    TOKEN_VOLUME,
+    HttpProxyEnv,
+    InjectorConfig,
+    TokenProjection,
+)
 
 log = logging.getLogger("zonegate.injector")
-
-INJECT_LABEL = "zonegate.io/inject"
-CONFIG_ANNOTATION = "zonegate.io/config"
-STATUS_ANNOTATION = "zonegate.io/status"
-STATUS_INJECTED = "injected"
-SIDECAR_NAME = "zonegate"
-CONFIG_VOLUME = "zonegate-config"
-TOKEN_VOLUME = "zonegate-token"
-SIDECAR_CONFIG_FILE = "sidecar.yaml"
-REVIEW_API_VERSION = "admission.k8s.io/v1"
-MAX_REVIEW_BYTES = 8 << 20  # pods are at most ~1.5 MiB in etcd; leave room, refuse beyond
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?$")
-RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
-PULL_POLICIES = ("IfNotPresent", "Always", "Never")
-OPERATIONS = ("CREATE", "UPDATE", "DELETE", "CONNECT")
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TokenProjection:
-    """A projected service-account token the sidecar presents to a remote exchange server."""
-
-    audience: str = "zonegate"
-    expiration_seconds: int = 3600
-    mount_path: str = "/var/run/secrets/zonegate/serviceaccount"
-
-
-@dataclass(frozen=True, slots=True)
-class HttpProxyEnv:
-    """``HTTP_PROXY``/``NO_PROXY`` on app containers, for apps that call plain-http backends."""
-
-    no_proxy: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class InjectorConfig:
-    """What the webhook listens on and what sidecar it adds."""
-
-    image: str
-    tls_cert_file: Path
-    tls_key_file: Path
-    listen: tuple[str, int] = ("0.0.0.0", 8443)
-    tls_reload_interval: float = 10.0
-    image_pull_policy: str = "IfNotPresent"
-    proxy_port: int = 15001
-    admin_port: int = 15090
-    config_mount_path: str = "/etc/zonegate"
-    resources: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {"requests": {"cpu": "20m", "memory": "48Mi"}}
-    )
-    service_account_token: TokenProjection | None = None
-    http_proxy: HttpProxyEnv | None = None
-    cluster_domain: str = "cluster.local"
-
-    @property
-    def sidecar_config_path(self) -> str:
-        return f"{self.config_mount_path.rstrip('/')}/{SIDECAR_CONFIG_FILE}"
-
-
-def read_injector(node: Node) -> InjectorConfig:
-    """Build an InjectorConfig from a document node, recording every problem."""
-    image = node.text("image")
-    if image is not None and not image.strip():
-        node.error("image", "must name the sidecar image, e.g. ghcr.io/zonegate/zonegate:0.1.0")
-    sidecar = node.child("sidecar")
-    config = InjectorConfig(
-        image=image or "",
-        tls_cert_file=_required_path(node, "tls_cert_file"),
-        tls_key_file=_required_path(node, "tls_key_file"),
-        listen=parse_listen(node, "listen", "0.0.0.0:8443"),
-        tls_reload_interval=node.number("tls_reload_interval", 10.0, minimum=0.05, maximum=3600),
-        image_pull_policy=node.choice("image_pull_policy", PULL_POLICIES, "IfNotPresent"),
-        proxy_port=sidecar.integer("proxy_port", 15001, minimum=1, maximum=65535),
-        admin_port=sidecar.integer("admin_port", 15090, minimum=1, maximum=65535),
-        config_mount_path=_absolute(sidecar, "config_mount_path", "/etc/zonegate"),
-        resources=_read_resources(sidecar.child("resources")),
-        service_account_token=_read_token(node.child("service_account_token")),
-        http_proxy=_read_http_proxy(node.child("http_proxy")),
-        cluster_domain=node.text("cluster_domain", "cluster.local"),
-    )
-    if config.proxy_port == config.admin_port:
-        sidecar.error("admin_port", f"must differ from proxy_port ({config.proxy_port})")
-    sidecar.finish()
-    node.finish()
-    return config
-
-
-def _required_path(node: Node, key: str) -> Path:
-    if not node.has(key):
-        node.error(
-            key, "required: the webhook serves TLS only (the API server accepts nothing else)"
-        )
-    return node.path_value(key) or Path()
-
-
-def _absolute(node: Node, key: str, default: str) -> str:
-    value: str = node.text(key, default) or default
-    if not value.startswith("/"):
-        node.error(key, f"must be an absolute path inside the container, got {value!r}")
-    return value
-
-
-def _read_resources(node: Node) -> dict[str, dict[str, str]]:
-    if not node.data:
-        node.finish()
-        return {"requests": {"cpu": "20m", "memory": "48Mi"}}
-    out: dict[str, dict[str, str]] = {}
-    for kind in ("requests", "limits"):
-        amounts = node.child(kind)
-        for name in RESOURCE_NAMES:
-            value = amounts.raw(name)
-            if value is None:
-                continue
-            if not QUANTITY.match(str(value)):
-                amounts.error(
-                    name, f"must be a Kubernetes quantity such as 20m or 48Mi, got {value!r}"
-                )
-            out.setdefault(kind, {})[name] = str(value)
-        amounts.finish()
-    node.finish()
-    return out
-
-
-def _read_token(node: Node) -> TokenProjection | None:
-    enabled = node.flag("enabled", bool(node.data))
-    projection = TokenProjection(
-        audience=node.text("audience", "zonegate"),
-        expiration_seconds=node.integer("expiration_seconds", 3600, minimum=600, maximum=2**32),
-        mount_path=_absolute(node, "mount_path", "/var/run/secrets/zonegate/serviceaccount"),
-    )
-    node.finish()
-    return projection if enabled else None
-
-
-def _read_http_proxy(node: Node) -> HttpProxyEnv | None:
-    enabled = node.flag("enabled", False)
-    env = HttpProxyEnv(no_proxy=tuple(node.strings("no_proxy", ())))
-    node.finish()
-    return env if enabled else None
-
-
-def parse_injector_config(data: Any, base_dir: Path) -> InjectorConfig:
-    """Validate an already parsed injector config document."""
-    return read_document(data, base_dir, read_injector)
-
-
-def load_injector_config(path: Path) -> InjectorConfig:
-    """Load and validate an injector config file; raises ConfigError listing every problem."""
-    return parse_injector_config(load_yaml(path), path.parent)
-
 
 # --- the review (pure) -----------------------------------------------------------------------
 
@@ -532,158 +386,3 @@ def _annotations_patch(new: dict[str, str]) -> list[dict[str, Any]]:
         {"op": "add", "path": pointer("metadata", "annotations", key), "value": value}
         for key, value in new.items()
     ]
-
-
-# --- TLS with reload -------------------------------------------------------------------------
-
-
-class ReloadingTls:
-    """A server SSLContext whose certificate and key follow their files."""
-
-    def __init__(self, cert_file: Path, key_file: Path) -> None:
-        self.cert_file, self.key_file = cert_file, key_file
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._stamp: tuple[int, ...] | None = None
-        try:
-            self.reload()
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(
-                [f"tls_cert_file/tls_key_file: cannot load {cert_file} and {key_file}: {e}"]
-            ) from e
-
-    def _current_stamp(self) -> tuple[int, ...]:
-        stats = (os.stat(self.cert_file), os.stat(self.key_file))
-        return tuple(n for s in stats for n in (s.st_ino, s.st_mtime_ns, s.st_size))
-
-    def reload(self) -> bool:
-        """Load the files when they changed; True when a new certificate is in use."""
-        stamp = self._current_stamp()
-        if stamp == self._stamp:
-            return False
-        # Check the pair on a scratch context first: a half-rotated pair must not break the
-        # live one, whose certificate would otherwise no longer match its key.
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
-        self.context.load_cert_chain(self.cert_file, self.key_file)
-        self._stamp = stamp
-        return True
-
-    def try_reload(self) -> None:
-        """Reload, logging instead of raising: the old certificate keeps serving meanwhile."""
-        try:
-            if self.reload():
-                log.info("webhook certificate loaded", extra={"cert_file": str(self.cert_file)})
-        except (OSError, ssl.SSLError) as e:
-            log.warning("webhook certificate not reloaded, keeping the old one: %s", e)
-
-
-# --- HTTP ------------------------------------------------------------------------------------
-
-CONFIG_KEY = web.AppKey("injector_config", InjectorConfig)
-TLS_KEY = web.AppKey("injector_tls", ReloadingTls)
-
-
-async def mutate(request: web.Request) -> web.Response:
-    """``POST /mutate``: answer one AdmissionReview."""
-    if request.content_type != "application/json":
-        return _error(415, f"Content-Type must be application/json, got {request.content_type!r}")
-    try:
-        reply, review, decision = answer_review(await request.read(), request.app[CONFIG_KEY])
-    except InvalidReview as e:
-        log.warning("invalid admission review: %s", e)
-        return _error(400, str(e))
-    _log_decision(review, decision)
-    return web.json_response(reply)
-
-
-def _log_decision(review: Review, decision: Decision) -> None:
-    """One line per review; the pod is named, never its env values."""
-    metadata = (review.pod or {}).get("metadata")
-    name = (
-        metadata.get("name") or metadata.get("generateName") if isinstance(metadata, dict) else None
-    )
-    level = logging.WARNING if decision.outcome == "refused" else logging.INFO
-    log.log(
-        level,
-        "admission review",
-        extra={
-            "uid": decision.uid,
-            "namespace": review.namespace,
-            "pod": name,
-            "outcome": decision.outcome,
-            "reason": decision.reason,
-        },
-    )
-
-
-def _error(status: int, description: str) -> web.Response:
-    return web.json_response(
-        {"error": "invalid_request", "error_description": description}, status=status
-    )
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness and readiness: the process answers, and its certificate loaded at start."""
-    return web.json_response({"status": "ok"})
-
-
-def make_app(config: InjectorConfig, tls: ReloadingTls | None = None) -> web.Application:
-    """The webhook app; with ``tls`` it polls the certificate files for changes."""
-    app = web.Application(client_max_size=MAX_REVIEW_BYTES)
-    app[CONFIG_KEY] = config
-    app.router.add_post("/mutate", mutate)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", healthz)
-    if tls is not None:
-        app[TLS_KEY] = tls
-        app.cleanup_ctx.append(_watch_tls)
-    return app
-
-
-async def _watch_tls(app: web.Application) -> AsyncIterator[None]:
-    tls, interval = app[TLS_KEY], app[CONFIG_KEY].tls_reload_interval
-
-    async def poll() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            tls.try_reload()
-
-    task = asyncio.create_task(poll())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-def main(config_path: Path, *, log_level: str) -> int:
-    """``zonegate injector --config F``: serve the webhook over TLS until SIGTERM."""
-    from exchange.logsetup import setup_logging
-    from exchange.serving import Listener, run, serve
-
-    setup_logging(log_level)
-    config = load_injector_config(config_path)
-    tls = ReloadingTls(config.tls_cert_file, config.tls_key_file)
-    host, port = config.listen
-
-    async def on_hup() -> None:
-        tls.try_reload()
-
-    listener = Listener("injector", make_app(config, tls), host, port, ssl_context=tls.context)
-    return run(serve([listener], grace=5.0, on_hup=on_hup))
-
-
-__all__ = [
-    "Decision",
-    "InjectorConfig",
-    "InvalidReview",
-    "admission_response",
-    "answer_review",
-    "decide",
-    "load_injector_config",
-    "main",
-    "make_app",
-    "parse_injector_config",
-    "parse_review",
-    "pod_patch",
-    "pointer",
-]

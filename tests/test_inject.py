@@ -24,14 +24,9 @@ import yaml
 
 from exchange.logsetup import JsonFormatter
 from sidecar import cli
-from sidecar.inject import (
-    InjectorConfig,
-    ReloadingTls,
-    answer_review,
-    make_app,
-    parse_injector_config,
-    pointer,
-)
+from sidecar.inject import answer_review, pointer
+from sidecar.injectconfig import InjectorConfig, parse_injector_config
+from sidecar.injector import ReloadingTls, make_app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "admission"
 K8S_VERSIONS = ("1.29", "1.33")

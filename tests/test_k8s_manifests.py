@@ -22,7 +22,8 @@ import yaml
 
 from exchange.config import parse_exchange_config
 from sidecar.config import parse_sidecar_config
-from sidecar.inject import InjectorConfig, answer_review, parse_injector_config
+from sidecar.inject import answer_review
+from sidecar.injectconfig import InjectorConfig, parse_injector_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
