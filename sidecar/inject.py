@@ -3,7 +3,7 @@
 The decision is pure: ``answer_review(body, config)`` turns the bytes of an AdmissionReview v1
 into the AdmissionReview to send back (a JSONPatch, or a refusal whose message names the
 cause) and raises ``InvalidReview`` for a request that is not an AdmissionReview at all. The
-I/O edge is an aiohttp app on ``POST /mutate`` served over TLS; the certificate and key are
+I/O edge (``sidecar.injector``) is an aiohttp app on ``POST /mutate`` served over TLS; the certificate and key are
 reloaded when their files change (cert-manager renews them in place) and on SIGHUP.
 
 DESIGN.md "Kubernetes" pins the contract: label ``zonegate.io/inject: "true"`` opts in, the
