@@ -222,60 +222,73 @@ RESERVED_CLAIMS = frozenset(
 
 
 def _read_client(node: Node, zones: dict[str, ZoneConfig], have_clusters: bool) -> ClientConfig:
-    client_id = node.text("client_id") or ""
-    auth = node.choice("auth", CLIENT_AUTH_METHODS, "client_secret_basic")
-    secret = node.secret("client_secret")
-    secret_sha256 = node.text("client_secret_sha256", None)
+    client = ClientConfig(
+        client_id=node.text("client_id") or "",
+        auth=node.choice("auth", CLIENT_AUTH_METHODS, "client_secret_basic")
+        or "client_secret_basic",
+        client_secret=node.secret("client_secret"),
+        client_secret_sha256=node.text("client_secret_sha256", None),
+        jwks=_read_jwks(node),
+        jwks_uri=node.text("jwks_uri", None),
+        service_account=node.text("service_account", None),
+        zones=node.strings("zones", ()),
+        scopes=node.strings("scopes", ()),
+        default_zone=node.text("default_zone", None),
+        subject_audiences=node.strings("subject_audiences", None),
+        rate_limit=_read_rate_limit(node),
+    )
+    _check_client_auth(node, client, have_clusters)
+    _check_client_zones(node, client, zones)
+    node.finish()
+    return client
+
+
+def _read_jwks(node: Node) -> dict[str, Any] | None:
     jwks = node.raw("jwks")
-    jwks_uri = node.text("jwks_uri", None)
-    service_account = node.text("service_account", None)
-    if auth in ("client_secret_basic", "client_secret_post") and not (secret or secret_sha256):
+    if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
+        node.error("jwks", "must be a JWKS mapping: {keys: [...]}")
+        return None
+    return jwks
+
+
+def _read_rate_limit(node: Node) -> RateLimit | None:
+    rate = node.child("rate_limit")
+    limit = None
+    if node.has("rate_limit"):
+        limit = RateLimit(
+            rate=rate.number("rate", minimum=0.001), burst=rate.integer("burst", 10, minimum=1)
+        )
+    rate.finish()
+    return limit
+
+
+def _check_client_auth(node: Node, client: ClientConfig, have_clusters: bool) -> None:
+    """Each auth method needs its credential."""
+    auth, sha256 = client.auth, client.client_secret_sha256
+    if auth in ("client_secret_basic", "client_secret_post") and not (
+        client.client_secret or sha256
+    ):
         node.error(
             "client_secret",
             f"auth {auth} needs client_secret, client_secret_file or client_secret_sha256",
         )
-    if secret_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", secret_sha256):
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         node.error("client_secret_sha256", "must be 64 hex digits (sha256sum of the secret)")
-    if auth == "private_key_jwt" and not (jwks or jwks_uri):
+    if auth == "private_key_jwt" and not (client.jwks or client.jwks_uri):
         node.error("jwks", "auth private_key_jwt needs jwks (a JWKS mapping) or jwks_uri")
-    if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
-        node.error("jwks", "must be a JWKS mapping: {keys: [...]}")
-        jwks = None
     if auth == "kubernetes":
-        if service_account is None or not SERVICE_ACCOUNT.match(service_account):
+        if client.service_account is None or not SERVICE_ACCOUNT.match(client.service_account):
             node.error("service_account", "auth kubernetes needs system:serviceaccount:<ns>:<name>")
         if not have_clusters:
             node.error("auth", "auth kubernetes needs a top-level cluster_issuers entry")
-    client_zones = node.strings("zones", ())
-    for z in client_zones:
+
+
+def _check_client_zones(node: Node, client: ClientConfig, zones: dict[str, ZoneConfig]) -> None:
+    for z in client.zones:
         if z not in zones:
             node.error("zones", f"unknown zone {z!r} (zones: {', '.join(sorted(zones))})")
-    default_zone = node.text("default_zone", None)
-    if default_zone is not None and default_zone not in client_zones:
-        node.error("default_zone", f"{default_zone!r} must be one of this client's zones")
-    rate = node.child("rate_limit")
-    rate_limit = None
-    if node.has("rate_limit"):
-        rate_limit = RateLimit(
-            rate=rate.number("rate", minimum=0.001), burst=rate.integer("burst", 10, minimum=1)
-        )
-    rate.finish()
-    client = ClientConfig(
-        client_id=client_id,
-        auth=auth or "client_secret_basic",
-        client_secret=secret,
-        client_secret_sha256=secret_sha256,
-        jwks=jwks,
-        jwks_uri=jwks_uri,
-        service_account=service_account,
-        zones=client_zones,
-        scopes=node.strings("scopes", ()),
-        default_zone=default_zone,
-        subject_audiences=node.strings("subject_audiences", None),
-        rate_limit=rate_limit,
-    )
-    node.finish()
-    return client
+    if client.default_zone is not None and client.default_zone not in client.zones:
+        node.error("default_zone", f"{client.default_zone!r} must be one of this client's zones")
 
 
 def _read_cluster_issuer(node: Node) -> ClusterIssuer:
