@@ -3,7 +3,8 @@
 ``python -m bench.bareproxy UPSTREAM_URL`` forwards every request to the upstream the way an
 idiomatic aiohttp proxy does, with the sidecar's own building blocks: its upstream session
 (``sidecar.app.upstream_session``), hop-by-hop filtering (``sidecar.proxy.end_to_end``) and
-chunked streaming both ways (``iter_chunked(CHUNK)`` into a ``StreamResponse``). It runs on
+chunked streaming both ways (``iter_chunked(CHUNK)`` up, ``sidecar.proxy.stream_back`` down:
+the very function the sidecar answers with). It runs on
 uvloop through ``exchange.serving``, as the sidecar does. What the sidecar costs beyond this is
 what its routing, token cache, metrics and request log cost.
 """
@@ -20,7 +21,7 @@ from yarl import URL
 from exchange.serving import Listener, run, serve
 from sidecar.app import upstream_session
 from sidecar.config import SidecarConfig
-from sidecar.proxy import CHUNK, end_to_end
+from sidecar.proxy import CHUNK, end_to_end, stream_back
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
@@ -31,21 +32,14 @@ def build_app(upstream: URL) -> web.Application:
     async def forward(request: web.Request) -> web.StreamResponse:
         session = request.app[SESSION]
         data = request.content.iter_chunked(CHUNK) if request.body_exists else None
-        async with session.request(
+        answer = await session.request(
             request.method,
             upstream.join(request.rel_url),
             headers=end_to_end(request.headers, ("host",)),
             data=data,
             allow_redirects=False,
-        ) as answer:
-            response = web.StreamResponse(
-                status=answer.status, reason=answer.reason, headers=end_to_end(answer.headers)
-            )
-            await response.prepare(request)
-            async for chunk in answer.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+        )
+        return await stream_back(request, answer)
 
     async def session(app: web.Application) -> AsyncIterator[None]:
         app[SESSION] = upstream_session(SidecarConfig(routes=()))

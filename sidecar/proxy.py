@@ -293,7 +293,7 @@ class Proxy:
             self.cache.evict(call.key)
             token = await self._token_for(request, match.route, call)
             response = await self._send(request, match.url, headers, token)
-        return await self._stream_back(request, response)
+        return await stream_back(request, response)
 
     def _match(self, request: web.Request) -> tuple[Match, str | None]:
         raw_target = request.raw_path
@@ -384,29 +384,6 @@ class Proxy:
                 raise ProxyError(502, "bad_gateway", f"upstream failed: {type(e).__name__}") from e
         raise AssertionError("unreachable")
 
-    async def _stream_back(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        """Stream the upstream's answer to the app, headers filtered, bytes untouched."""
-        async with upstream:
-            response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=end_to_end(upstream.headers),
-            )
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    await response.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as e:
-                # Headers are gone already: the only honest signal left is a cut connection.
-                log.warning("upstream failed mid-response: %s", type(e).__name__)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            return response
-
     async def _websocket(
         self, request: web.Request, match: Match, headers: CIMultiDict[str], token: str | None
     ) -> web.StreamResponse:
@@ -436,6 +413,41 @@ class Proxy:
         async with upstream:
             await _relay(downstream, upstream)
         return downstream
+
+
+class _HeadersWithBody(web.StreamResponse):
+    """Headers held back until the first body write (or the end), so that a small answer
+    leaves in one ``send`` instead of two: what aiohttp's own ``web.Response`` does."""
+
+    _send_headers_immediately = False
+
+
+async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Stream the upstream's answer to the app, headers filtered, bytes untouched.
+
+    An answer whose ``Content-Length`` fits in one chunk goes out headers and body together;
+    any other streams as it comes, headers first. The bare aiohttp proxy of the benchmark
+    (``bench/bareproxy.py``) answers through this same function.
+    """
+    async with upstream:
+        small = upstream.content_length is not None and upstream.content_length <= CHUNK
+        response = (_HeadersWithBody if small else web.StreamResponse)(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=end_to_end(upstream.headers),
+        )
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            # Headers may be gone already: the only honest signal left is a cut connection.
+            log.warning("upstream failed mid-response: %s", type(e).__name__)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
 
 
 async def _ask(exchanger: Exchanger, route: Route, subject_token: str) -> Exchanged:
