@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import secrets
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
-import jwt
+from jwt.algorithms import Algorithm, get_default_algorithms
+from jwt.utils import base64url_encode
+from jwt.warnings import InsecureKeyLengthWarning
 
 from exchange.keys import SigningKey
 from exchange.policy import Decision
@@ -37,11 +43,30 @@ def claims_for(
     return claims
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@dataclass(frozen=True, slots=True)
+class _Signer:
+    header: bytes  # the encoded JOSE header and the dot after it
+    algorithm: Algorithm
+
+
+@functools.lru_cache(maxsize=32)
+def _signer(key: SigningKey) -> _Signer:
+    """What ``jwt.encode`` rebuilt for every token: the header segment and the algorithm."""
+    algorithm = get_default_algorithms()[key.alg]
+    if short := algorithm.check_key_length(key.private_key):
+        warnings.warn(short, InsecureKeyLengthWarning, stacklevel=3)
+    header = {"alg": key.alg, "kid": key.kid, "typ": ACCESS_TOKEN_TYP}
+    segment = base64url_encode(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
+    return _Signer(segment + b".", algorithm)
+
+
 def sign(claims: dict[str, Any], key: SigningKey) -> str:
-    """A compact JWS with ``typ: at+jwt`` and the key's ``kid``."""
-    return jwt.encode(
-        claims,
-        key.private_key,
-        algorithm=key.alg,
-        headers={"kid": key.kid, "typ": ACCESS_TOKEN_TYP},
-    )
+    """A compact JWS with ``typ: at+jwt`` and the key's ``kid``: the bytes ``jwt.encode`` makes,
+    with the header encoded once per key (PyJWT's own algorithm signs)."""
+    signer = _signer(key)
+    signing_input = signer.header + base64url_encode(_COMPACT_JSON(claims).encode())
+    signature = signer.algorithm.sign(signing_input, key.private_key)
+    return (signing_input + b"." + base64url_encode(signature)).decode()
