@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import logging
 import random
@@ -267,7 +268,7 @@ def _token_of(document: dict[str, Any] | None) -> Exchanged:
         raise ExchangeError("token endpoint answer has no access_token")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise ExchangeError("token endpoint answer is not a Bearer token")
-    claims = _unverified_claims(token)
+    claims = unverified_claims(token)
     expires_in = document.get("expires_in")
     if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
         expires_at = time.time() + float(expires_in)
@@ -278,13 +279,24 @@ def _token_of(document: dict[str, Any] | None) -> Exchanged:
     return Exchanged(token, expires_at, zone_of(claims.get("iss")))
 
 
-def _unverified_claims(token: str) -> dict[str, Any]:
-    """The claims of a JWT, unverified: only for its lifetime and zone label, never trust."""
-    try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims of a compact JWS, unverified: only for lifetimes and labels, never trust.
+
+    ``{}`` unless header and payload are base64url JSON objects. What ``jwt.decode`` without
+    verification returns, at a third of its cost (it also re-validates options and claims).
+    """
+    segments = token.split(".")
+    if len(segments) != 3:
         return {}
-    return claims if isinstance(claims, dict) else {}
+    try:
+        header, claims = (json.loads(_base64url_decode(s)) for s in segments[:2])
+    except (ValueError, binascii.Error):  # UnicodeDecodeError and JSONDecodeError included
+        return {}
+    return claims if isinstance(header, dict) and isinstance(claims, dict) else {}
+
+
+def _base64url_decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 def _json_object(body: bytes) -> dict[str, Any] | None:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import jwt
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -41,7 +40,7 @@ from exchange.errors import (
 from exchange.tokens import TokenExchangeRequest
 from sidecar.cache import CacheKey, Issued, TokenCache
 from sidecar.config import Route, SidecarConfig
-from sidecar.exchanger import Exchanged, Exchanger
+from sidecar.exchanger import Exchanged, Exchanger, unverified_claims
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
 from sidecar.routes import BadPath, Match, RouteTable
 
@@ -202,10 +201,7 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str | None:
 
 def subject_expiry(token: str) -> float | None:
     """The subject's ``exp``, unverified: it can only shorten how long an entry is served."""
-    try:
-        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
-        return None
+    exp = unverified_claims(token).get("exp")
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
