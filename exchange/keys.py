@@ -21,6 +21,7 @@ from exchange.configload import ConfigError
 log = logging.getLogger("zonegate.keys")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+MIN_RSA_BITS = 2048  # RFC 7518 §3.3
 GENERATE_ALGORITHMS = ("ES256", "RS256", "PS256", "EdDSA")
 # RFC 7638 §3.2: the members that make up each key type's thumbprint.
 THUMBPRINT_MEMBERS = {
@@ -68,6 +69,8 @@ def write_private_key(key: PrivateKey, path: Path) -> None:
 def algorithm_for(key: PrivateKey, preferred: str | None = None) -> str:
     """The JWS algorithm a key signs with; RSA keys may prefer PS256."""
     if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ValueError(f"RSA keys must have at least {MIN_RSA_BITS} bits, got {key.key_size}")
         return preferred if preferred in ("RS256", "PS256") else "RS256"
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if not isinstance(key.curve, ec.SECP256R1):

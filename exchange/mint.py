@@ -5,13 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import secrets
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.utils import base64url_encode
-from jwt.warnings import InsecureKeyLengthWarning
 
 from exchange.keys import SigningKey
 from exchange.policy import Decision
@@ -56,8 +54,6 @@ class _Signer:
 def _signer(key: SigningKey) -> _Signer:
     """What ``jwt.encode`` rebuilt for every token: the header segment and the algorithm."""
     algorithm = get_default_algorithms()[key.alg]
-    if short := algorithm.check_key_length(key.private_key):
-        warnings.warn(short, InsecureKeyLengthWarning, stacklevel=3)
     header = {"alg": key.alg, "kid": key.kid, "typ": ACCESS_TOKEN_TYP}
     segment = base64url_encode(json.dumps(header, separators=(",", ":"), sort_keys=True).encode())
     return _Signer(segment + b".", algorithm)

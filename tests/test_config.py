@@ -182,3 +182,22 @@ def test_keyring_publishes_next_key_and_reloads(tmp_path: Path) -> None:
     (tmp_path / "cur.pem").write_text("garbage")
     before = ring["red"].current.kid
     assert ring.reload() and ring["red"].current.kid == before  # bad file: old key kept
+
+
+def test_short_rsa_zone_key_is_a_config_error(tmp_path: Path) -> None:
+    """A zone key of fewer than 2048 RSA bits is refused at start, naming the YAML path."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from exchange.keys import write_private_key
+
+    write_private_key(
+        rsa.generate_private_key(public_exponent=65537, key_size=1024), tmp_path / "weak.pem"
+    )
+    document = json.loads(json.dumps(VALID))
+    document["clients"][0]["client_secret"] = "s"
+    document["zones"]["red"]["signing_key_file"] = "weak.pem"
+    with pytest.raises(ConfigError) as raised:
+        KeyRing(load(tmp_path, document))
+    assert raised.value.errors == [
+        "zones.red.signing_key_file: RSA keys must have at least 2048 bits, got 1024"
+    ]
