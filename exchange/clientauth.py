@@ -201,14 +201,8 @@ class ClientAuthenticator:
         }
 
     def _issuer_keys(self, name: str, jwks_uri: str | None) -> IssuerKeys:
-        return IssuerKeys(
-            name,
-            self._fetch,
-            jwks_uri=jwks_uri,
-            min_refresh=self._config.jwks_min_refresh,
-            max_age=self._config.jwks_max_age,
-            stale_for=self._config.jwks_stale_for,
-            observe=self._observe,
+        return IssuerKeys.for_config(
+            name, self._fetch, self._config, jwks_uri=jwks_uri, observe=self._observe
         )
 
     async def close(self) -> None:

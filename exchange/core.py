@@ -99,14 +99,8 @@ class ExchangeCore:
         self._index = policy.zone_index(config.zones)
         self._trusted = {t.issuer: t for t in config.trusted_issuers}
         self.issuer_keys = {
-            t.issuer: IssuerKeys(
-                t.issuer,
-                self._fetcher,
-                jwks_uri=t.jwks_uri,
-                min_refresh=config.jwks_min_refresh,
-                max_age=config.jwks_max_age,
-                stale_for=config.jwks_stale_for,
-                observe=observe_fetch,
+            t.issuer: IssuerKeys.for_config(
+                t.issuer, self._fetcher, config, jwks_uri=t.jwks_uri, observe=observe_fetch
             )
             for t in config.trusted_issuers
         }

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import jwt
 
+from exchange.config import ExchangeConfig
 from exchange.errors import InvalidRequest, TemporarilyUnavailable
 
 log = logging.getLogger("zonegate.issuers")
@@ -87,6 +88,27 @@ class IssuerKeys:
         self._last_attempt: float | None = None
         self._inflight: asyncio.Future[None] | None = None
         self.last_error: str | None = None
+
+    @classmethod
+    def for_config(
+        cls,
+        issuer: str,
+        fetch: Callable[[str], Awaitable[tuple[dict[str, Any], str | None]]],
+        config: ExchangeConfig,
+        *,
+        jwks_uri: str | None = None,
+        observe: FetchObserver | None = None,
+    ) -> IssuerKeys:
+        """Keys of ``issuer`` with the refetch and staleness bounds of an exchange config."""
+        return cls(
+            issuer,
+            fetch,
+            jwks_uri=jwks_uri,
+            min_refresh=config.jwks_min_refresh,
+            max_age=config.jwks_max_age,
+            stale_for=config.jwks_stale_for,
+            observe=observe,
+        )
 
     @property
     def held(self) -> int:
