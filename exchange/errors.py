@@ -20,6 +20,7 @@ Descriptions are written for an operator and never contain a token or a secret.
 
 from __future__ import annotations
 
+import hashlib
 from typing import ClassVar
 
 
@@ -95,6 +96,17 @@ class TemporarilyUnavailable(ExchangeError):
     """The server cannot answer now, e.g. a trusted issuer's keys cannot be had (RFC 6749 §4.1.2.1)."""
 
     error, status_hint = "temporarily_unavailable", 503
+
+
+MAX_ECHOED = 64
+
+
+def quoted(value: str) -> str:
+    """A request value for an error description: short ones quoted, long ones (a token pasted
+    into the wrong field, say) only by length and a SHA-256 prefix, never echoed."""
+    if len(value) <= MAX_ECHOED and value.isprintable():
+        return repr(value)
+    return f"<{len(value)} characters, sha256:{hashlib.sha256(value.encode()).hexdigest()[:12]}>"
 
 
 ERRORS_BY_CODE: dict[str, type[ExchangeError]] = {

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from exchange.config import ClientConfig, ExchangeConfig, ZoneConfig
-from exchange.errors import InvalidRequest, InvalidScope, InvalidTarget, UnauthorizedClient
+from exchange.errors import (
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    UnauthorizedClient,
+    quoted,
+)
 from exchange.tokens import TokenExchangeRequest
 from exchange.validate import audiences_of
 
@@ -51,7 +57,7 @@ def select_zone(
     selected = {t: index.get(t) for t in targets}
     unknown = [t for t, z in selected.items() if z is None]
     if unknown:
-        raise InvalidTarget(f"no zone accepts audience/resource {unknown[0]!r}")
+        raise InvalidTarget(f"no zone accepts audience/resource {quoted(unknown[0])}")
     names = {z.name for z in selected.values() if z is not None}
     if len(names) > 1:
         raise InvalidTarget(
@@ -79,7 +85,7 @@ def grant_scope(
     outside = [s for s in requested if s not in allowed]
     if outside:
         raise InvalidScope(
-            f"scope {outside[0]!r} cannot be granted to client {client.client_id} in zone {zone.name}"
+            f"scope {quoted(outside[0])} cannot be granted to client {client.client_id} in zone {zone.name}"
         )
     return requested
 
@@ -112,19 +118,32 @@ def map_claims(zone: ZoneConfig, subject: Mapping[str, Any]) -> dict[str, Any]:
     return claims
 
 
-def delegate(subject: Mapping[str, Any], actor: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``act`` claim (RFC 8693 §4.1): the actor, nesting any act it already carries."""
+def prior_actors(subject: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The subject token's own ``act`` chain (earlier delegations), checked, or None."""
+    prior = subject.get("act")
+    if prior is None:
+        return None
+    if not isinstance(prior, dict):
+        raise InvalidRequest("subject_token act claim must be an object")
+    if _chain_depth(prior) > MAX_ACTOR_CHAIN:
+        raise InvalidRequest(f"delegation chain deeper than {MAX_ACTOR_CHAIN} actors")
+    return prior
+
+
+def delegate(subject: Mapping[str, Any], actor: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The ``act`` claim (RFC 8693 §4.1): the current actor outermost, the subject token's
+    prior actors nested inside it; without an actor token, the subject's chain is kept."""
+    prior = prior_actors(subject)
+    if actor is None:
+        return prior
     _check_may_act(subject, actor)
-    act: dict[str, Any] = {"sub": actor.get("sub"), "iss": actor.get("iss")}
-    prior = actor.get("act")
+    if not isinstance(actor.get("sub"), str):
+        raise InvalidRequest("actor_token has no sub claim")
+    act: dict[str, Any] = {"sub": actor["sub"], "iss": actor.get("iss")}
     if prior is not None:
-        if not isinstance(prior, dict):
-            raise InvalidRequest("actor_token act claim must be an object")
         if _chain_depth(prior) >= MAX_ACTOR_CHAIN:
             raise InvalidRequest(f"delegation chain deeper than {MAX_ACTOR_CHAIN} actors")
         act["act"] = prior
-    if not isinstance(act["sub"], str):
-        raise InvalidRequest("actor_token has no sub claim")
     return act
 
 
@@ -170,5 +189,5 @@ def decide(
         scope=grant_scope(request.scope, zone, client),
         lifetime=lifetime(zone, subject, now),
         claims=map_claims(zone, subject),
-        act=delegate(subject, actor) if actor is not None else None,
+        act=delegate(subject, actor),
     )

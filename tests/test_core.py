@@ -134,12 +134,13 @@ async def test_resource_and_audience_of_one_zone(core: ExchangeCore, op: DevOpen
     assert response.claims["aud"] == ["billing", "http://billing.red.internal"]
 
 
-async def test_delegation_nests_act_and_enforces_may_act(
+async def test_delegation_nests_the_subjects_prior_actors_and_enforces_may_act(
     core: ExchangeCore, op: DevOpenIDProvider
 ) -> None:
-    """An actor token becomes act (nesting its own act); may_act must admit the actor."""
-    actor = op.mint({"sub": "gateway", "act": {"sub": "edge"}})
-    subject = op.mint({"may_act": {"sub": "gateway"}})
+    """act names the actor token's subject outermost and nests the subject token's own act
+    (RFC 8693 §4.1: prior actors inside); may_act must admit the actor."""
+    actor = op.mint({"sub": "gateway"})
+    subject = op.mint({"may_act": {"sub": "gateway"}, "act": {"sub": "edge"}})
     response = await core.exchange(
         request(subject, actor_token=actor, actor_token_type=TOKEN_TYPE_ACCESS_TOKEN),
         client="shop-frontend",
@@ -153,18 +154,33 @@ async def test_delegation_nests_act_and_enforces_may_act(
         )
 
 
-async def test_actor_chain_deeper_than_five_is_refused(
+async def test_subject_act_chain_is_kept_without_an_actor_token(
     core: ExchangeCore, op: DevOpenIDProvider
 ) -> None:
-    """A delegation chain of more than 5 actors is invalid_request."""
+    """A subject token that records a delegation keeps recording it in the zone token."""
+    subject = op.mint({"act": {"sub": "svc-0"}})
+    response = await core.exchange(request(subject), client="shop-frontend")
+    assert response.claims["act"] == {"sub": "svc-0"}
+
+
+def _chain(depth: int) -> dict[str, Any]:
     chain: dict[str, Any] = {"sub": "a0"}
-    for i in range(1, 6):
+    for i in range(1, depth):
         chain = {"sub": f"a{i}", "act": chain}
-    actor = op.mint({"sub": "gw", "act": chain})
+    return chain
+
+
+@pytest.mark.parametrize(("depth", "with_actor"), [(5, True), (6, False)])
+async def test_actor_chain_deeper_than_five_is_refused(
+    core: ExchangeCore, op: DevOpenIDProvider, depth: int, with_actor: bool
+) -> None:
+    """A delegation chain of more than 5 actors, counting the new actor, is invalid_request."""
+    extra: dict[str, Any] = {}
+    if with_actor:
+        extra = {"actor_token": op.mint({"sub": "gw"}), "actor_token_type": TOKEN_TYPE_ACCESS_TOKEN}
     with pytest.raises(InvalidRequest, match="chain"):
         await core.exchange(
-            request(op.mint(), actor_token=actor, actor_token_type=TOKEN_TYPE_ACCESS_TOKEN),
-            client="shop-frontend",
+            request(op.mint({"act": _chain(depth)}), **extra), client="shop-frontend"
         )
 
 

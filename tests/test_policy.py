@@ -155,13 +155,29 @@ def test_minted_claims_follow_rfc9068() -> None:
         ({"may_act": {"sub": "other"}}, {"sub": "svc", "iss": "i"}, False),
         ({"may_act": "svc"}, {"sub": "svc", "iss": "i"}, False),
         ({}, {"iss": "i"}, False),
+        ({"act": {"sub": "edge"}}, {"sub": "svc", "iss": "i"}, True),
+        ({"act": "edge"}, {"sub": "svc", "iss": "i"}, False),
     ],
 )
 def test_delegation(subject_extra: dict[str, Any], actor: dict[str, Any], ok: bool) -> None:
     """act names the actor; may_act, when present, must admit it (RFC 8693 §4.4)."""
     subject = {**SUBJECT, **subject_extra}
     if ok:
-        assert policy.delegate(subject, actor)["sub"] == actor["sub"]
+        act = policy.delegate(subject, actor)
+        assert act is not None and act["sub"] == actor["sub"]
+        assert act.get("act") == subject_extra.get("act")
     else:
         with pytest.raises(InvalidRequest):
             policy.delegate(subject, actor)
+
+
+def test_long_values_are_not_echoed_in_refusals() -> None:
+    """A token pasted into audience or scope is described by length and hash, never echoed."""
+    pasted = "eyJhbGciOiJFUzI1NiJ9." + "x" * 200 + ".sig"
+    with pytest.raises(InvalidTarget) as target:
+        decide(audience=(pasted,))
+    with pytest.raises(InvalidScope) as scope:
+        decide(scope=(pasted,))
+    for raised in (target, scope):
+        assert pasted[:30] not in raised.value.description
+        assert f"<{len(pasted)} characters, sha256:" in raised.value.description
