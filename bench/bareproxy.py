@@ -2,7 +2,8 @@
 
 ``python -m bench.bareproxy UPSTREAM_URL`` forwards every request to the upstream the way an
 idiomatic aiohttp proxy does, with the sidecar's own building blocks: its upstream session
-(``sidecar.app.upstream_session``), hop-by-hop filtering (``sidecar.proxy.end_to_end``) and
+(``sidecar.app.upstream_session``) and server settings (``sidecar.app.proxy_server_args``:
+request bodies pass still encoded), hop-by-hop filtering (``sidecar.proxy.end_to_end``) and
 chunked streaming both ways (``iter_chunked(CHUNK)`` up, ``sidecar.proxy.stream_back`` down:
 the very function the sidecar answers with). It runs on
 uvloop through ``exchange.serving``, as the sidecar does. What the sidecar costs beyond this is
@@ -19,7 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from exchange.serving import Listener, run, serve
-from sidecar.app import upstream_session
+from sidecar.app import proxy_server_args, upstream_session
 from sidecar.config import SidecarConfig
 from sidecar.proxy import CHUNK, end_to_end, stream_back
 
@@ -46,7 +47,7 @@ def build_app(upstream: URL) -> web.Application:
         yield
         await app[SESSION].close()
 
-    app = web.Application()
+    app = web.Application(handler_args=proxy_server_args(SidecarConfig(routes=())))
     app.router.add_route("*", "/{tail:.*}", forward)
     app.cleanup_ctx.append(session)
     return app

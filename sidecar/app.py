@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -284,6 +285,19 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+def proxy_server_args(config: SidecarConfig) -> dict[str, Any]:
+    """The proxy listener's server settings: big headers, request bodies left encoded.
+
+    A body with ``Content-Encoding`` is forwarded with that header, so its bytes must pass
+    as they came: aiohttp's server would otherwise decompress them on the way in.
+    """
+    return {
+        "max_line_size": config.max_header_size,
+        "max_field_size": config.max_header_size,
+        "auto_decompress": False,
+    }
+
+
 def build_sidecar(
     config: SidecarConfig,
     *,
@@ -293,11 +307,9 @@ def build_sidecar(
     """The proxy app and the admin app of one sidecar, ready to be served (or test-served)."""
     quiet_parse_errors()  # an unparsable request's bytes (its token) never reach the logs
     sidecar = Sidecar(config, clock=clock, exchangers=exchangers)
-    header_limits = {
-        "max_line_size": config.max_header_size,
-        "max_field_size": config.max_header_size,
-    }
-    proxy_app = web.Application(middlewares=[sidecar.middleware], handler_args=header_limits)
+    proxy_app = web.Application(
+        middlewares=[sidecar.middleware], handler_args=proxy_server_args(config)
+    )
     proxy_app[SIDECAR] = sidecar
     # The middleware answers every request. This catch-all route only spares aiohttp a 404
     # match (an HTTPNotFound built, raised and collected per request) and lets it cache the

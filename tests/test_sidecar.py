@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +66,7 @@ class Backend:
     delay: float = 0.0
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(handler_args={"auto_decompress": False})  # record the wire bytes
         app.router.add_route("*", "/upload", self.upload)
         app.router.add_get("/download/{size}", self.download)
         app.router.add_get("/ws", self.websocket)
@@ -332,6 +334,39 @@ async def test_a_16_kib_subject_token_passes(running: Running) -> None:
     assert 15 * 1024 < len(subject) <= 16 * 1024
     async with running.session.get(running.url("/red/big"), headers=running.bearer(subject)) as r:
         assert r.status == 201
+
+
+GZIP_BODY = gzip.compress(b'{"a": 1}' * 50)
+
+
+async def one_chunk(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+@pytest.mark.usefixtures("no_crash")
+@pytest.mark.parametrize(
+    ("encoding", "body", "chunked"),
+    [
+        ("gzip", GZIP_BODY, False),
+        ("gzip", GZIP_BODY, True),
+        ("deflate", zlib.compress(b"deflated " * 40), False),
+        ("br", bytes(range(256)), False),  # any bytes: the sidecar must not look inside
+        ("gzip", b"\x1f\x8b\x08 this is not gzip", False),
+    ],
+    ids=["gzip", "gzip-chunked", "deflate", "br", "invalid-gzip"],
+)
+async def test_request_bodies_with_content_encoding_pass_untouched(
+    running: Running, encoding: str, body: bytes, chunked: bool
+) -> None:
+    """An encoded request body reaches the upstream byte for byte, its Content-Encoding kept."""
+    subject = running.op.login("alice")
+    headers = {**running.bearer(subject), "Content-Encoding": encoding}
+    data = one_chunk(body) if chunked else body
+    async with running.session.post(running.url("/red/x"), data=data, headers=headers) as r:
+        assert (r.status, await r.read()) == (201, b"answer:" + body)
+    seen = running.red.seen[-1]
+    assert (seen.body, seen.headers["Content-Encoding"]) == (body, encoding)
+    assert seen.headers.get("Content-Length") == (None if chunked else str(len(body)))
 
 
 # -- refusals ----------------------------------------------------------------------------------
