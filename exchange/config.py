@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from exchange.configload import ConfigError, Node, load_yaml, parse_listen, read_document
 
 DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
@@ -169,6 +171,12 @@ def read_exchange(node: Node) -> ExchangeConfig:
     return config
 
 
+def _url(node: Node, key: str) -> str | None:
+    value: str | None = node.text(key, None)
+    _check_url(node, key, value)
+    return value
+
+
 def _check_url(node: Node, key: str, value: str | None) -> None:
     if value is not None and not re.match(r"^https?://[^/\s]+", value):
         node.error(key, f"must be an http(s) URL, got {value!r}")
@@ -210,6 +218,9 @@ def _read_zone(name: str, node: Node) -> ZoneConfig:
         signing_alg=node.choice("signing_alg", SIGNING_ALGORITHMS, None),
         claims=mapping,
     )
+    for resource in zone.resources:
+        if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:[^#]+$", resource):
+            node.error("resources", f"{resource!r} is not an absolute URI (RFC 8693 §2.1)")
     if not zone.audiences and not zone.resources:
         node.error("audiences", "give at least one audience or resource that selects this zone")
     node.finish()
@@ -229,7 +240,7 @@ def _read_client(node: Node, zones: dict[str, ZoneConfig], have_clusters: bool) 
         client_secret=node.secret("client_secret"),
         client_secret_sha256=node.text("client_secret_sha256", None),
         jwks=_read_jwks(node),
-        jwks_uri=node.text("jwks_uri", None),
+        jwks_uri=_url(node, "jwks_uri"),
         service_account=node.text("service_account", None),
         zones=node.strings("zones", ()),
         scopes=node.strings("scopes", ()),
@@ -245,10 +256,27 @@ def _read_client(node: Node, zones: dict[str, ZoneConfig], have_clusters: bool) 
 
 def _read_jwks(node: Node) -> dict[str, Any] | None:
     jwks = node.raw("jwks")
-    if jwks is not None and not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
+    if jwks is None:
+        return None
+    if not (isinstance(jwks, dict) and isinstance(jwks.get("keys"), list)):
         node.error("jwks", "must be a JWKS mapping: {keys: [...]}")
         return None
+    if not any(_usable_public_key(k) for k in jwks["keys"]):
+        node.error(
+            "jwks", "holds no usable public signature key (RSA, EC or OKP; no private or oct keys)"
+        )
+        return None
     return jwks
+
+
+def _usable_public_key(jwk: Any) -> bool:
+    if not isinstance(jwk, dict) or "d" in jwk or jwk.get("kty") not in ("RSA", "EC", "OKP"):
+        return False
+    try:
+        jwt.PyJWK(jwk)
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        return False
+    return True
 
 
 def _read_rate_limit(node: Node) -> RateLimit | None:

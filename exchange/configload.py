@@ -160,20 +160,22 @@ class Node:
 
     def secret(self, key: str) -> str | None:
         """``key`` inline (``${ENV}`` allowed) or ``key_file`` read from a file; not both."""
-        inline, file_key = self.has(key), f"{key}_file"
-        if inline and self.has(file_key):
+        file_key = f"{key}_file"
+        inline: str | None = self.text(key, None)
+        if not self.has(file_key):
+            return inline
+        if inline is not None:
+            self._read(file_key)
             self.error(key, f"give either {key} or {file_key}, not both")
-        if self.has(file_key):
-            path = self.path_value(file_key)
-            if path is None:
-                return None
-            try:
-                return path.read_text().strip()
-            except OSError as e:
-                self.error(file_key, f"cannot read {path}: {e.strerror}")
-                return None
-        value: str | None = self.text(key, None)
-        return value
+            return inline
+        path = self.path_value(file_key)
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            self.error(file_key, f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+            return None
 
     def child(self, key: str, *, required: bool = False) -> Node:
         self._read(key)
@@ -230,6 +232,8 @@ def load_yaml(path: Path) -> Any:
         text = path.read_text()
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from e
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

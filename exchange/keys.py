@@ -67,7 +67,15 @@ def write_private_key(key: PrivateKey, path: Path) -> None:
 
 
 def algorithm_for(key: PrivateKey, preferred: str | None = None) -> str:
-    """The JWS algorithm a key signs with; RSA keys may prefer PS256."""
+    """The JWS algorithm a key signs with; RSA keys may prefer PS256. A ``preferred``
+    algorithm the key cannot sign with is an error, not silently replaced."""
+    alg = _natural_algorithm(key, preferred)
+    if preferred is not None and preferred != alg:
+        raise ValueError(f"signing_alg {preferred} does not fit this {alg} key")
+    return alg
+
+
+def _natural_algorithm(key: PrivateKey, preferred: str | None) -> str:
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
             raise ValueError(f"RSA keys must have at least {MIN_RSA_BITS} bits, got {key.key_size}")

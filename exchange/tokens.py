@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ SINGLE_VALUED = frozenset(
     }
 )
 MAX_SCOPE_LENGTH = 4096
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 §3.1
 MAX_TARGET_VALUES = 32
 MAX_TARGET_LENGTH = 2048
 
@@ -77,6 +79,10 @@ class TokenExchangeRequest:
             raise InvalidRequest(f"at most {MAX_TARGET_VALUES} audience/resource values")
         if any(not t or len(t) > MAX_TARGET_LENGTH for t in targets):
             raise InvalidRequest("audience and resource values must be 1 to 2048 characters")
+        if not all(_absolute_uri(r) for r in self.resource):
+            raise InvalidRequest(
+                "resource must be an absolute URI without a fragment (RFC 8693 §2.1)"
+            )
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -112,6 +118,11 @@ class TokenResponse:
             f"TokenResponse(issued_token_type={self.issued_token_type!r}, "
             f"expires_in={self.expires_in}, scope={self.scope!r})"
         )
+
+
+def _absolute_uri(value: str) -> bool:
+    scheme, sep, rest = value.partition(":")
+    return bool(sep and rest and _SCHEME.fullmatch(scheme)) and "#" not in value
 
 
 def parse_scope(value: str) -> tuple[str, ...]:

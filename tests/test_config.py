@@ -93,6 +93,30 @@ def test_secret_file_and_sha256(tmp_path: Path) -> None:
         (lambda d: d["zones"].update(blue={"audiences": ["billing"]}), "already selects zone"),
         (lambda d: d["clients"].append(dict(d["clients"][0])), "duplicate client_id"),
         (lambda d: d["zones"]["red"].update(claims={"copy": ["exp"]}), "cannot be copied"),
+        (
+            lambda d: d["zones"]["red"].update(resources=["billing"]),
+            "zones.red.resources: 'billing' is not an absolute URI",
+        ),
+        (
+            lambda d: d["clients"][0].update(
+                auth="private_key_jwt", jwks={"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}
+            ),
+            "clients[0].jwks: holds no usable public signature key",
+        ),
+        (
+            lambda d: d["clients"][0].update(
+                auth="private_key_jwt", jwks={"keys": [{"kty": "EC"}]}
+            ),
+            "clients[0].jwks: holds no usable public signature key",
+        ),
+        (
+            lambda d: d["clients"][0].update(jwks_uri="notaurl"),
+            "clients[0].jwks_uri: must be an http(s) URL",
+        ),
+        (
+            lambda d: d["clients"][0].update(client_secret_file="s"),
+            "clients[0].client_secret: give either client_secret or client_secret_file, not both",
+        ),
     ],
 )
 def test_errors_name_the_yaml_path(
@@ -201,3 +225,25 @@ def test_short_rsa_zone_key_is_a_config_error(tmp_path: Path) -> None:
     assert raised.value.errors == [
         "zones.red.signing_key_file: RSA keys must have at least 2048 bits, got 1024"
     ]
+
+
+def test_signing_alg_that_does_not_fit_the_key_is_refused(tmp_path: Path) -> None:
+    """signing_alg RS256 on an EC key is an error, not silently replaced by ES256."""
+    from exchange.keys import generate_private_key, write_private_key
+
+    write_private_key(generate_private_key("ES256"), tmp_path / "ec.pem")
+    document = json.loads(json.dumps(VALID))
+    document["clients"][0]["client_secret"] = "s"
+    document["zones"]["red"].update(signing_key_file="ec.pem", signing_alg="RS256")
+    with pytest.raises(ConfigError, match="signing_alg RS256 does not fit this ES256 key"):
+        KeyRing(load(tmp_path, document))
+
+
+def test_non_utf8_config_is_a_clear_error(tmp_path: Path) -> None:
+    """A config file that is not UTF-8 text is exit 2 with a message, not a traceback."""
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"\xff\xfe")
+    result = run_cli("check", str(path))
+    assert (
+        result.returncode == 2 and "not UTF-8" in result.stderr and "Traceback" not in result.stderr
+    )

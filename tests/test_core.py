@@ -100,6 +100,8 @@ async def test_lifetime_never_outlives_subject(
         ({"audience": ()}, InvalidTarget),
         ({"scope": ("billing:write",)}, InvalidScope),
         ({"scope": ("admin",)}, InvalidScope),
+        ({"resource": ("billing",)}, InvalidRequest),
+        ({"resource": ("http://billing.red.internal#frag",)}, InvalidRequest),
     ],
 )
 async def test_policy_refusals(
