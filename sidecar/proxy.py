@@ -358,27 +358,30 @@ class Proxy:
     async def _send(
         self, request: web.Request, url: URL, headers: CIMultiDict[str], token: str | None
     ) -> aiohttp.ClientResponse:
-        """Send the request upstream; a stale pooled connection is retried once when safe."""
-        for attempt in (1, 2):
-            try:
-                return await self.session.request(
-                    request.method,
-                    url,
-                    headers=_with_authorization(headers, token),
-                    data=request.content.iter_chunked(CHUNK) if request.body_exists else None,
-                    allow_redirects=False,
-                    ssl=self.upstream.ssl,
-                )
-            except aiohttp.ServerDisconnectedError as e:
-                if attempt == 2 or not _replayable(request):
-                    raise ProxyError(502, "bad_gateway", "upstream closed the connection") from e
-            except aiohttp.ClientConnectorError as e:
-                raise ProxyError(502, "bad_gateway", f"upstream unreachable: {e.os_error}") from e
-            except TimeoutError as e:
-                raise ProxyError(504, "gateway_timeout", "upstream did not answer in time") from e
-            except aiohttp.ClientError as e:
-                raise ProxyError(502, "bad_gateway", f"upstream failed: {type(e).__name__}") from e
-        raise AssertionError("unreachable")
+        """Send the request upstream; the sidecar itself never resends it.
+
+        aiohttp's client resends an idempotent request once, on a fresh connection, when the
+        connection drops before any answer and no body byte was taken from the app (RFC 9112
+        §9.3.1): that covers a stale pooled connection, and aiohttp offers no switch to turn it
+        off. A second retry here would deliver such a request up to four times.
+        """
+        try:
+            return await self.session.request(
+                request.method,
+                url,
+                headers=_with_authorization(headers, token),
+                data=request.content.iter_chunked(CHUNK) if request.body_exists else None,
+                allow_redirects=False,
+                ssl=self.upstream.ssl,
+            )
+        except aiohttp.ServerDisconnectedError as e:
+            raise ProxyError(502, "bad_gateway", "upstream closed the connection") from e
+        except aiohttp.ClientConnectorError as e:
+            raise ProxyError(502, "bad_gateway", f"upstream unreachable: {e.os_error}") from e
+        except TimeoutError as e:
+            raise ProxyError(504, "gateway_timeout", "upstream did not answer in time") from e
+        except aiohttp.ClientError as e:
+            raise ProxyError(502, "bad_gateway", f"upstream failed: {type(e).__name__}") from e
 
     async def _websocket(
         self, request: web.Request, match: Match, headers: CIMultiDict[str], token: str | None

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -504,6 +505,49 @@ async def test_upstream_unreachable_is_502_and_slow_is_504(running: Running) -> 
     running.red.delay = 3
     async with running.session.get(running.url("/red/slow"), headers=running.bearer(subject)) as r:
         assert (r.status, await error_of(r)) == (504, "gateway_timeout")
+
+
+@dataclass
+class Aborting:
+    """An upstream that reads each whole request, then resets the connection unanswered."""
+
+    deliveries: list[str] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        await reader.readexactly(int(length.group(1)) if length else 0)
+        self.deliveries.append(head.split(b" ", 1)[0].decode())
+        writer.transport.abort()
+
+
+@pytest.mark.usefixtures("no_crash")
+@pytest.mark.parametrize(
+    ("method", "body", "deliveries"),
+    [("GET", None, 2), ("PUT", None, 2), ("DELETE", None, 2), ("PUT", b"x", 1), ("POST", None, 1)],
+)
+async def test_a_request_the_upstream_read_is_sent_at_most_twice(
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    method: str,
+    body: bytes | None,
+    deliveries: int,
+) -> None:
+    """Upstream reads the request and drops the connection: 502, idempotent sent at most twice."""
+    upstream = Aborting()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    document = sidecar_document(op, f"http://127.0.0.1:{port}", closed_port_url())
+    config = parse_sidecar_config(document, Path.cwd())
+    proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+    headers = {"Authorization": f"Bearer {op.login('alice')}"}
+    async with (
+        server,
+        aiohttp.ClientSession() as session,
+        session.request(method, proxy.make_url("/red/x"), data=body, headers=headers) as r,
+    ):
+        assert (r.status, await error_of(r)) == (502, "bad_gateway")
+    assert upstream.deliveries == [method] * deliveries
 
 
 def closed_port_url() -> str:
