@@ -144,9 +144,14 @@ class IssuerKeys:
             return key
         if kid is None:
             raise InvalidRequest("token header has no kid and the issuer has more than one key")
-        why = f" (refetch failed: {self.last_error})" if self.last_error else ""
+        if self.last_error:  # the issuer may have rotated while we cannot reach it
+            raise TemporarilyUnavailable(
+                f"token signed with a key (kid) issuer {self.issuer} did not publish when last "
+                f"reached, and refetching its keys failed: {self.last_error}",
+                retry_after=max(1, int(self._min_refresh)),
+            )
         raise InvalidRequest(
-            f"token signed with a key (kid) that issuer {self.issuer} does not publish{why}"
+            f"token signed with a key (kid) that issuer {self.issuer} does not publish"
         )
 
     def _may_refetch(self, now: float) -> bool:

@@ -266,13 +266,14 @@ async def test_issuer_rotation_is_picked_up_without_restart(
 async def test_issuer_down_keeps_cached_keys_and_fails_fast_on_unknown_kid(
     core: ExchangeCore, op: DevOpenIDProvider
 ) -> None:
-    """While the issuer is down, held keys verify; an unknown kid fails at once and clearly."""
+    """While the issuer is down, held keys verify; an unknown kid fails at once as 503."""
     await core.exchange(request(op.mint()), client="shop-frontend")
     op.available = False
     await core.exchange(request(op.mint()), client="shop-frontend")
     new_kid = op.rotate("ES256")
-    with pytest.raises(InvalidRequest, match=r"does not publish.*refetch failed"):
+    with pytest.raises(TemporarilyUnavailable, match=r"refetching its keys failed") as raised:
         await core.exchange(request(op.mint(kid=new_kid)), client="shop-frontend")
+    assert raised.value.retry_after is not None  # not the user's fault: 503, not 400
 
 
 async def test_issuer_unreachable_with_nothing_cached_is_temporarily_unavailable(
