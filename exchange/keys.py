@@ -62,6 +62,7 @@ def private_key_pem(key: PrivateKey) -> bytes:
 def write_private_key(key: PrivateKey, path: Path) -> None:
     """Write ``key`` to ``path`` readable by its owner only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file (--force) keeps its old mode otherwise
     with os.fdopen(fd, "wb") as f:
         f.write(private_key_pem(key))
 

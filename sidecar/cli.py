@@ -25,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # e.g. the listen address is taken
+        print(f"zonegate: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,7 +149,11 @@ def _run_keys_generate(args: argparse.Namespace) -> int:
         print(f"zonegate: {out} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
     key = generate_private_key(args.alg)
-    write_private_key(key, out)
+    try:
+        write_private_key(key, out)
+    except OSError as e:
+        print(f"zonegate: cannot write {out}: {e.strerror}", file=sys.stderr)
+        return 1
     print(f"wrote {args.alg} private key to {out} (kid {signing_key(key, args.alg).kid})")
     return 0
 

@@ -187,6 +187,15 @@ def test_keys_generate_and_kid_is_rfc7638_thumbprint(tmp_path: Path, alg: str) -
     assert key.kid == jwc_jwk.JWK(**key.public_jwk).thumbprint()
     again = run_cli("keys", "generate", "--alg", alg, "--out", str(out))
     assert again.returncode == 1 and "--force" in again.stderr
+    out.chmod(0o644)
+    assert run_cli("keys", "generate", "--alg", alg, "--out", str(out), "--force").returncode == 0
+    assert out.stat().st_mode & 0o077 == 0  # overwriting tightens a loose mode
+    nowhere = run_cli("keys", "generate", "--out", str(tmp_path / "missing" / "k.pem"))
+    assert (
+        nowhere.returncode == 1
+        and "cannot write" in nowhere.stderr
+        and "Traceback" not in nowhere.stderr
+    )
 
 
 def test_keyring_publishes_next_key_and_reloads(tmp_path: Path) -> None:
