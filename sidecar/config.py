@@ -7,8 +7,9 @@ folder) or inline from ``exchange.core``; its problems carry the matching prefix
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class EmbeddedExchange:
 
     @property
     def identity(self) -> str:
-        return f"embedded:{self.client_id}"
+        return f"embedded:{self.client_id}:{fingerprint(self)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +71,16 @@ class RemoteExchange:
 
     @property
     def identity(self) -> str:
-        return f"remote:{self.token_endpoint or self.issuer}:{self.client_id}"
+        return f"remote:{self.token_endpoint or self.issuer}:{self.client_id}:{fingerprint(self)}"
 
 
 ExchangeSettings = EmbeddedExchange | RemoteExchange
+
+
+def fingerprint(settings: ExchangeSettings) -> str:
+    """A short SHA-256 over every setting, secrets and file paths included: exchanges that
+    differ in anything get distinct identities, and the identity (logged) shows no secret."""
+    return hashlib.sha256(repr(astuple(settings)).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)

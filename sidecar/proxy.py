@@ -240,7 +240,9 @@ class Proxy:
         self.config = config
         self.table = RouteTable(config.routes)
         self.cache = cache
-        self.exchangers = exchangers
+        self.exchangers = {  # by route name: an identity hashes every setting, once here
+            route.name: exchangers[config.exchange_for(route).identity] for route in config.routes
+        }
         self.metrics = metrics
         self.upstream = Upstream()
         self._zones: dict[str, str] = {}  # route name -> zone last issued, for failure labels
@@ -326,7 +328,7 @@ class Proxy:
                 "this route needs Authorization: Bearer <token>",
                 {"WWW-Authenticate": 'Bearer realm="zonegate"'},
             )
-        exchanger = self.exchangers[self.config.exchange_for(route).identity]
+        exchanger = self.exchangers[route.name]
         call.key = CacheKey.of(subject_token, route.target, exchanger.identity)
         call.subject = call.key.subject_sha256[:12]  # = subject_hash(token), without a 2nd SHA-256
         try:

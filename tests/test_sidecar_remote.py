@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,9 @@ class Setup:
     proxy: TestServer | None = None
     admin: TestServer | None = None
 
-    async def start_sidecar(self, exchange: dict[str, Any], *, ready: bool = True) -> Sidecar:
+    async def start_sidecar(
+        self, exchange: dict[str, Any], *, ready: bool = True, routes: Sequence[dict[str, Any]] = ()
+    ) -> Sidecar:
         document = {
             "listen": "127.0.0.1:0",
             "admin_listen": "127.0.0.1:0",
@@ -100,6 +102,7 @@ class Setup:
             "routes": [
                 {"name": "red", "path_prefix": "/red/", "strip_prefix": True, "upstream": self.red_url,
                  "audience": "billing", "scope": "billing:read"},
+                *routes,
             ],
         }  # fmt: skip
         config = parse_sidecar_config(document, self.tmp_path)
@@ -236,6 +239,28 @@ async def test_wrong_client_secret_is_502(setup: Setup) -> None:
     ) as r:
         assert r.status == 502
         assert (await r.json())["error"] == "invalid_client"
+
+
+async def test_a_route_exchange_differing_only_in_its_secret_is_its_own(setup: Setup) -> None:
+    """Two exchanges with one issuer and client_id but different secrets each use their own."""
+    own = {"mode": "remote", "issuer": setup.exchange.url, "client_id": "shop-frontend",
+           "client_secret": "wrong-secret"}  # fmt: skip
+    route = {"name": "wrong", "path_prefix": "/wrong/", "strip_prefix": True,
+             "upstream": setup.red_url, "audience": "billing", "exchange": own}  # fmt: skip
+    shop = {
+        "issuer": setup.exchange.url,
+        "client_id": "shop-frontend",
+        "client_secret": "s3cret-shop",
+    }
+    sidecar = await setup.start_sidecar(shop, routes=[route])
+    bearer = {"Authorization": f"Bearer {setup.op.login('alice')}"}
+    async with setup.session.get(setup.url("/wrong/x"), headers=bearer) as r:
+        assert (r.status, (await r.json())["error"]) == (502, "invalid_client")
+    async with setup.session.get(setup.url("/red/x"), headers=bearer) as r:
+        assert r.status == 201
+    identities = list(sidecar.exchangers)
+    assert len(identities) == 2
+    assert not [i for i in identities if "wrong-secret" in i or "s3cret-shop" in i]
 
 
 async def test_refused_subject_is_401_through_the_remote_server(setup: Setup) -> None:
