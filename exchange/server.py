@@ -27,7 +27,7 @@ from exchange.clientauth import ClientAuthenticator, presented_credentials
 from exchange.config import ClientConfig, ExchangeConfig, ZoneConfig, load_exchange_config
 from exchange.configload import ConfigError
 from exchange.core import ExchangeCore, subject_hash
-from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
+from exchange.errors import ExchangeError, InvalidRequest
 from exchange.httpdocs import zone_routes
 from exchange.issuers import HttpFetcher
 from exchange.logsetup import quiet_parse_errors, setup_logging
@@ -62,8 +62,8 @@ class BodyTooLarge(InvalidRequest):
 def error_response(error: ExchangeError) -> web.Response:
     """RFC 6749 §5.2 JSON error with the error's status, challenge and Retry-After."""
     headers = dict(NO_STORE)
-    if isinstance(error, InvalidClient) and error.basic_tried:
-        headers[hdrs.WWW_AUTHENTICATE] = BASIC_CHALLENGE  # RFC 6749 §5.2: 401 + challenge
+    if error.status_hint == 401:  # RFC 9110 §15.5.2: every 401 carries a challenge
+        headers[hdrs.WWW_AUTHENTICATE] = BASIC_CHALLENGE
     if error.retry_after is not None or error.status_hint in (429, 503):
         headers[hdrs.RETRY_AFTER] = str(error.retry_after or 1)
     return web.json_response(error.to_dict(), status=error.status_hint, headers=headers)
@@ -349,6 +349,9 @@ async def log_requests(request: web.Request, handler: Handler) -> web.StreamResp
         response = await handler(request)
         status = response.status
         return response
+    except web.HTTPException as e:  # answered by aiohttp itself (a JSON 404 of a zone route)
+        status = e.status
+        raise
     finally:
         access_log.info(
             "request",

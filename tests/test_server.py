@@ -339,7 +339,7 @@ async def test_private_key_jwt_success_then_replay_refused(exchange: Exchange) -
     assert replay.status == 401
     assert replay.body["error"] == "invalid_client"
     assert "replay" in replay.body["error_description"]
-    assert "WWW-Authenticate" not in replay.headers
+    assert replay.headers["WWW-Authenticate"] == 'Basic realm="zonegate"'
 
 
 async def test_private_key_jwt_with_jwks_uri(
@@ -433,12 +433,12 @@ async def test_error_codes_with_their_status(exchange: Exchange) -> None:
             assert answer.headers["WWW-Authenticate"] == 'Basic realm="zonegate"'
 
 
-async def test_invalid_client_without_basic_has_no_challenge(exchange: Exchange) -> None:
-    """A failed client_secret_post is 401 invalid_client without a Basic challenge."""
+async def test_invalid_client_without_basic_still_has_a_challenge(exchange: Exchange) -> None:
+    """A failed client_secret_post is 401 invalid_client with a challenge (RFC 9110 §15.5.2)."""
     form = exchange.form(client_id="poster", client_secret="wrong")
     answer = await exchange.post(form, authorization=None)
     assert (answer.status, answer.body["error"]) == (401, "invalid_client")
-    assert "WWW-Authenticate" not in answer.headers
+    assert answer.headers["WWW-Authenticate"] == 'Basic realm="zonegate"'
 
 
 async def test_client_must_use_its_configured_method(exchange: Exchange) -> None:
@@ -528,6 +528,16 @@ async def test_metadata_and_zone_documents(exchange: Exchange) -> None:
     green = (await exchange.get("/zones/green/jwks.json")).body["keys"]
     assert {k["kid"] for k in red}.isdisjoint(k["kid"] for k in green)
     assert (await exchange.get("/zones/blue/jwks.json")).status == 404
+
+
+async def test_access_log_has_the_status_sent(
+    exchange: Exchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 404 for an unknown zone is logged as 404, not as a 500."""
+    caplog.set_level(logging.INFO, logger="zonegate.access")
+    assert (await exchange.get("/zones/blue/jwks.json")).status == 404
+    logged = [r for r in caplog.records if r.name == "zonegate.access"]
+    assert [getattr(r, "status", None) for r in logged] == [404]
 
 
 async def test_health_and_readiness(exchange: Exchange) -> None:
