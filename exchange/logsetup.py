@@ -87,10 +87,11 @@ class ParseErrorFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError):
-            reason = str(error.message).split("\n", 1)[0].rstrip(": ")[:100]
+            # The class names the fault (LineTooLong, BadStatusLine, ...); aiohttp's message may
+            # quote the offending bytes, which can be a header value, so it is never logged.
             record.msg, record.args = (
                 "unparsable HTTP request refused (%s %s)",
-                (error.code, reason),
+                (error.code, type(error).__name__),
             )
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
