@@ -10,7 +10,8 @@ Headers dropped on the way up (documented in docs/sidecar.md):
 * hop-by-hop (RFC 9110 §7.6.1) and every header named in ``Connection``;
 * ``Authorization`` (replaced, last, by the zone token) and ``Expect`` (handled here);
 * identity headers an app (or an attacker inside it) could spoof to a backend that trusts an
-  auth proxy in front of it: see ``SPOOFABLE_IDENTITY`` and ``SPOOFABLE_IDENTITY_PREFIXES``.
+  auth proxy in front of it: see ``SPOOFABLE_IDENTITY`` and ``SPOOFABLE_IDENTITY_PREFIXES``,
+  matched with ``_`` read as ``-``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ SPOOFABLE_IDENTITY = frozenset(
         "x-goog-authenticated-user-email",
         "x-goog-authenticated-user-id",
         "x-goog-iap-jwt-assertion",
+        "x-webauth-user",
+        "x-authenticated-userid",
+        "cf-access-jwt-assertion",
+        "cf-access-authenticated-user-email",
     }
 )
 SPOOFABLE_IDENTITY_PREFIXES = (
@@ -91,6 +96,10 @@ SPOOFABLE_IDENTITY_PREFIXES = (
     "x-remote-",
     "x-ms-client-principal",
     "x-amzn-oidc-",
+    "x-consumer-",
+    "x-pomerium-",
+    "x-ssl-client-",
+    "ssl-client-",
 )
 NOT_FORWARDED = HOP_BY_HOP | {"authorization", "expect", "host"}
 WEBSOCKET_HANDSHAKE = frozenset(
@@ -162,8 +171,9 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def is_spoofable_identity(name: str) -> bool:
-    lower = name.lower()
-    return lower in SPOOFABLE_IDENTITY or lower.startswith(SPOOFABLE_IDENTITY_PREFIXES)
+    """``_`` counts as ``-``: CGI and nginx (``underscores_in_headers``) read them as one."""
+    folded = name.lower().replace("_", "-")
+    return folded in SPOOFABLE_IDENTITY or folded.startswith(SPOOFABLE_IDENTITY_PREFIXES)
 
 
 def end_to_end(headers: CIMultiDictProxy[str], drop: Iterable[str] = ()) -> CIMultiDict[str]:

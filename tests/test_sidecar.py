@@ -281,6 +281,25 @@ async def test_upstream_sees_zone_token_never_the_original(running: Running) -> 
     )
 
 
+SPOOFED = [
+    "X_Forwarded_User", "X_Remote_User", "Remote_User", "X_Auth_Request_User", "X-Webauth-User",
+    "X-Authenticated-Userid", "X-Consumer-Username", "X-Consumer-Custom-Id",
+    "Cf-Access-Jwt-Assertion", "Cf-Access-Authenticated-User-Email", "X-Pomerium-Claim-Email",
+    "X-Pomerium-Jwt-Assertion", "X-SSL-Client-S-DN", "X_Ssl_Client_Verify", "Ssl-Client-Cert",
+]  # fmt: skip
+
+
+async def test_identity_headers_are_dropped_in_every_spelling(running: Running) -> None:
+    """Spoofable identity headers are dropped, also spelled with '_' for '-'; others pass."""
+    subject = running.op.login("alice")
+    headers = {**running.bearer(subject), **dict.fromkeys(SPOOFED, "admin"), "X_App_Id": "7"}
+    async with running.session.get(running.url("/red/x"), headers=headers) as r:
+        assert r.status == 201
+    seen = running.red.seen[-1].headers
+    assert [name for name in SPOOFED if name in seen] == []
+    assert seen["X_App_Id"] == "7"
+
+
 async def test_reverse_mode_strips_the_prefix_onto_the_upstream_path(running: Running) -> None:
     """/green/x goes to the green upstream's base path + /x with a green token."""
     subject = running.op.login("bob")
