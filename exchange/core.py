@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exchange import mint, policy, validate
-from exchange.config import ClientConfig, ExchangeConfig, TrustedIssuer
+from exchange.config import DEFAULT_ALGORITHMS, ClientConfig, ExchangeConfig, TrustedIssuer
 from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
 from exchange.issuers import FetchObserver, HttpFetcher, IssuerKeys
 from exchange.keys import KeyRing
@@ -215,6 +215,9 @@ class ExchangeCore:
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": [self.keys[zone].current.alg],
             "token_endpoint_auth_methods_supported": self.auth_methods(),
+            # RFC 8414 §2: required when private_key_jwt is listed; assertions are checked
+            # with the default algorithm allow-list
+            "token_endpoint_auth_signing_alg_values_supported": list(DEFAULT_ALGORITHMS),
         }
 
     def server_metadata(self) -> dict[str, Any]:
@@ -225,12 +228,7 @@ class ExchangeCore:
             "token_endpoint": f"{root}/token",
             "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
             "token_endpoint_auth_methods_supported": self.auth_methods(),
-            "token_endpoint_auth_signing_alg_values_supported": [
-                "RS256",
-                "PS256",
-                "ES256",
-                "EdDSA",
-            ],
+            "token_endpoint_auth_signing_alg_values_supported": list(DEFAULT_ALGORITHMS),
             "response_types_supported": ["token"],
             "zones": {
                 name: f"{root}/zones/{name}/.well-known/openid-configuration"
