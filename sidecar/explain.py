@@ -45,13 +45,11 @@ def load_config(path: Path) -> tuple[ExchangeConfig, str | None]:
     return exchange.core, exchange.client_id
 
 
-def pick_client(config: ExchangeConfig, wanted: str | None, default: str | None) -> str:
-    """--client, else the sidecar's client, else the only configured client."""
+def pick_clients(config: ExchangeConfig, wanted: str | None, default: str | None) -> list[str]:
+    """--client, else the sidecar's client, else every configured client in turn."""
     if wanted or default:
-        return str(wanted or default)
-    if len(config.clients) == 1:
-        return next(iter(config.clients))
-    raise SystemExit("several clients are configured: name one with --client")
+        return [str(wanted or default)]
+    return sorted(config.clients)
 
 
 def _line(out: TextIO, mark: str, step: str, detail: str) -> None:
@@ -59,38 +57,49 @@ def _line(out: TextIO, mark: str, step: str, detail: str) -> None:
 
 
 async def explain(
-    config: ExchangeConfig, request: TokenExchangeRequest, client_id: str, out: TextIO
+    config: ExchangeConfig, request: TokenExchangeRequest, client_ids: list[str], out: TextIO
 ) -> int:
-    """Print the decision for ``request``; 0 when a token would be issued, 1 when refused."""
+    """Print the decision for ``request`` per client; 0 when a token would be issued to one."""
     core = ExchangeCore(config, keyring=KeyRing(config))
-    trace = Trace()
-    now = time.time()
-    out.write(
-        f"subject token sha256:{subject_hash(request.subject_token)} ({len(request.subject_token)} bytes)\n"
-    )
+    size = len(request.subject_token)
+    out.write(f"subject token sha256:{subject_hash(request.subject_token)} ({size} bytes)\n")
     _describe_unverified(request.subject_token, out)
     try:
-        client = core.client(client_id)
-        verified = await core.verify(request, client, now, trace)
+        outcomes = [
+            await _explain_client(core, request, c, out, len(client_ids) > 1) for c in client_ids
+        ]
+    finally:
+        await core.close()
+    return 0 if any(outcomes) else 1
+
+
+async def _explain_client(
+    core: ExchangeCore, request: TokenExchangeRequest, client_id: str, out: TextIO, heading: bool
+) -> bool:
+    """One client's decision, step by step; True when it would get a token."""
+    if heading:
+        out.write(f"client {client_id}:\n")
+    trace, now = Trace(), time.time()
+    try:
+        verified = await core.verify(request, core.client(client_id), now, trace)
     except ExchangeError as e:
         for step, detail in trace.steps:
             _line(out, "✓", step, detail)
         _line(out, "✗", "refused", f"{e.error} ({e.status_hint}): {e.description}")
-        return 1
-    finally:
-        await core.close()
+        return False
     for step, detail in trace.steps:
         _line(out, "✓", step, detail)
+    decision = verified.decision
     claims = mint.claims_for(
-        verified.decision,
-        issuer=config.zone_issuer(verified.decision.zone.name),
+        decision,
+        issuer=core.config.zone_issuer(decision.zone.name),
         client_id=client_id,
         now=now,
         jti="(random)",
     )
     out.write("would issue a token with claims:\n")
     out.write(json.dumps(claims, indent=2, sort_keys=True) + "\n")
-    return 0
+    return True
 
 
 def _describe_unverified(token: str, out: TextIO) -> None:
@@ -121,5 +130,5 @@ def main(args: argparse.Namespace) -> int:
     except ExchangeError as e:
         print(f"zonegate explain: {e.error}: {e.description}", file=sys.stderr)
         return 1
-    client_id = pick_client(config, args.client, default_client)
-    return asyncio.run(explain(config, request, client_id, sys.stdout))
+    client_ids = pick_clients(config, args.client, default_client)
+    return asyncio.run(explain(config, request, client_ids, sys.stdout))

@@ -115,3 +115,22 @@ async def test_explain_expired_token(
     )
     assert code == 1
     assert "invalid_request" in out and "expired" in out
+
+
+async def test_explain_without_client_walks_every_client(
+    op: DevOpenIDProvider, exchange_yaml: Path
+) -> None:
+    """The pinned form (no --client) explains each configured client's decision in turn."""
+    code, out, err = await zonegate(
+        "explain",
+        "--config",
+        str(exchange_yaml),
+        "--subject-token",
+        "-",
+        "--audience",
+        "orders",
+        stdin=op.mint().encode(),
+    )
+    assert code == 0, out + err
+    assert "client reports:" in out and "client shop-frontend:" in out
+    assert out.count("would issue a token") == 2
