@@ -11,7 +11,8 @@ Headers dropped on the way up (documented in docs/sidecar.md):
 * ``Authorization`` (replaced, last, by the zone token) and ``Expect`` (handled here);
 * identity headers an app (or an attacker inside it) could spoof to a backend that trusts an
   auth proxy in front of it: see ``SPOOFABLE_IDENTITY`` and ``SPOOFABLE_IDENTITY_PREFIXES``,
-  matched with ``_`` read as ``-``.
+  matched with ``_`` read as ``-``;
+* any header whose value holds the subject token (``drop_copies``).
 """
 
 from __future__ import annotations
@@ -195,6 +196,16 @@ def upstream_headers(request: web.Request, original_host: str | None) -> CIMulti
     return headers
 
 
+def drop_copies(headers: CIMultiDict[str], subject_token: str | None) -> None:
+    """Drop every header holding the subject token: the original token is never forwarded,
+    not even where the app copied it (a warning names the header, never its value)."""
+    if subject_token is None:
+        return
+    for name in {k.lower(): k for k, v in headers.items() if subject_token in v}.values():
+        headers.popall(name, None)
+        log.warning("request header holding the subject token dropped", extra={"header": name})
+
+
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     existing = ", ".join(headers.popall(name, []))
     headers[name] = f"{existing}, {value}" if existing else value
@@ -291,15 +302,17 @@ class Proxy:
             raise connect_refused()
         match, original_host = self._match(request)
         call.route = match.route.name
-        token = await self._token_for(request, match.route, call)
+        subject_token = bearer_token(request.headers)
+        token = await self._token_for(subject_token, match.route, call)
         headers = upstream_headers(request, original_host)
+        drop_copies(headers, subject_token)
         if _is_websocket(request):
             return await self._websocket(request, match, headers, token)
         response = await self._send(request, match.url, headers, token)
         if response.status == 401 and call.key is not None and _replayable(request):
             response.release()
             self.cache.evict(call.key)
-            token = await self._token_for(request, match.route, call)
+            token = await self._token_for(subject_token, match.route, call)
             response = await self._send(request, match.url, headers, token)
         return await stream_back(request, response)
 
@@ -326,9 +339,8 @@ class Proxy:
             raise ProxyError(404, "not_found", "no route matches this host and path")
         return match, authority
 
-    async def _token_for(self, request: web.Request, route: Route, call: Call) -> str | None:
+    async def _token_for(self, subject_token: str | None, route: Route, call: Call) -> str | None:
         """The zone token for this call, or None when the route forwards token-less calls."""
-        subject_token = bearer_token(request.headers)
         if subject_token is None:
             if route.missing_token == "forward":
                 return None

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -298,6 +299,26 @@ async def test_identity_headers_are_dropped_in_every_spelling(running: Running) 
     seen = running.red.seen[-1].headers
     assert [name for name in SPOOFED if name in seen] == []
     assert seen["X_App_Id"] == "7"
+
+
+async def test_a_copy_of_the_subject_token_in_another_header_is_dropped(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header holding the original token is dropped, with a warning naming only the header."""
+    subject = running.op.login("alice")
+    headers = CIMultiDict(
+        [*running.bearer(subject).items(), ("X-Other-Token", subject), ("X-App", "kept"),
+         ("Cookie", f"a=1; session={subject}; b=2"), ("X-Copy", subject), ("X-Copy", "too")]
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="zonegate.sidecar"):
+        async with running.session.get(running.url("/red/x"), headers=headers) as r:
+            assert r.status == 201
+    seen = running.red.seen[-1].headers
+    assert [name for name in ("X-Other-Token", "Cookie", "X-Copy") if name in seen] == []
+    assert seen["X-App"] == "kept"
+    assert subject not in json.dumps(list(seen.items()))
+    warned = [str(r.__dict__.get("header")) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sorted(warned) == ["Cookie", "X-Copy", "X-Other-Token"]
 
 
 async def test_reverse_mode_strips_the_prefix_onto_the_upstream_path(running: Running) -> None:
