@@ -206,6 +206,7 @@ def pod_patch(pod: dict[str, Any], config: InjectorConfig) -> list[dict[str, Any
     if config.service_account_token is not None:
         volumes.append(_token_volume(config.service_account_token))
     patch = [
+        *_spec_if_null(pod),
         *_insert_first(spec, "initContainers", sidecar_container(config)),
         *_append_all(spec, ("spec",), "volumes", volumes),
         *_proxy_env_patch(spec, config),
@@ -323,8 +324,13 @@ def _token_volume(token: TokenProjection) -> dict[str, Any]:
     return {"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": source}]}}
 
 
+def _spec_if_null(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """A null (or absent) ``spec`` becomes ``{}`` first, so the paths under it resolve."""
+    return [{"op": "add", "path": "/spec", "value": {}}] if pod.get("spec") is None else []
+
+
 def _insert_first(spec: dict[str, Any], key: str, value: dict[str, Any]) -> list[dict[str, Any]]:
-    if key not in spec:
+    if spec.get(key) is None:  # absent or null
         return [{"op": "add", "path": pointer("spec", key), "value": [value]}]
     return [{"op": "add", "path": pointer("spec", key, 0), "value": value}]
 

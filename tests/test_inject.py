@@ -195,6 +195,21 @@ def test_pod_that_cannot_get_the_sidecar_is_refused(
     assert cause in response["status"]["message"]
 
 
+@pytest.mark.parametrize("path", ["/spec/initContainers", "/spec/volumes", "/spec"])
+@pytest.mark.parametrize("name", ["pod-with-label", "pod-with-init-containers"])
+def test_a_null_spec_or_list_counts_as_missing(name: str, path: str) -> None:
+    """A pod whose spec, initContainers or volumes is null gets a patch that applies."""
+    review = review_of(name)
+    _set(path, None)(review["request"]["object"])
+    pod = patched_pod(review, answer(review, injector_config(**FULL)))
+    assert pod["spec"]["initContainers"][0]["name"] == "zonegate"
+    assert "zonegate-config" in [v["name"] for v in pod["spec"]["volumes"]]
+    if path != "/spec":  # a pod without containers is no valid Pod, patched or not
+        assert len(sidecars(pod)) == 1
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(pod, version, strict=True)
+
+
 def test_json_pointer_escapes_slash_and_tilde() -> None:
     """Annotation keys with '/' and '~' become valid JSON Pointer tokens (RFC 6901)."""
     assert pointer("metadata", "annotations", "zonegate.io/status") == (
