@@ -317,6 +317,10 @@ def _check_client_zones(node: Node, client: ClientConfig, zones: dict[str, ZoneC
             node.error("zones", f"unknown zone {z!r} (zones: {', '.join(sorted(zones))})")
     if client.default_zone is not None and client.default_zone not in client.zones:
         node.error("default_zone", f"{client.default_zone!r} must be one of this client's zones")
+    offered = {s for zone in zones.values() for s in zone.scopes}
+    for scope in client.scopes:
+        if scope not in offered:  # a typo here would silently never be granted
+            node.error("scopes", f"{scope!r} is not a scope of any zone")
 
 
 def _read_cluster_issuer(node: Node) -> ClusterIssuer:

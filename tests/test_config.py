@@ -94,6 +94,10 @@ def test_secret_file_and_sha256(tmp_path: Path) -> None:
         (lambda d: d["clients"].append(dict(d["clients"][0])), "duplicate client_id"),
         (lambda d: d["zones"]["red"].update(claims={"copy": ["exp"]}), "cannot be copied"),
         (
+            lambda d: d["clients"][0].update(scopes=["billing:raed"]),
+            "clients[0].scopes: 'billing:raed' is not a scope of any zone",
+        ),
+        (
             lambda d: d["zones"]["red"].update(resources=["billing"]),
             "zones.red.resources: 'billing' is not an absolute URI",
         ),
