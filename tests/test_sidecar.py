@@ -760,12 +760,7 @@ async def test_zonegate_sidecar_subprocess_serves_readies_and_exits_0_on_sigterm
     )  # fmt: skip
     assert process.stdout is not None
     try:
-        listening: dict[str, str] = {}
-        while len(listening) < 2:
-            line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
-            assert line, "the sidecar exited before listening"
-            if " listening on " in line:
-                listening[line.split()[1]] = line.split()[-1]
+        listening = await listening_urls(process.stdout)
         assert set(listening) == {"sidecar", "admin"}
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, listening["admin"] + "/readyz")
@@ -775,3 +770,53 @@ async def test_zonegate_sidecar_subprocess_serves_readies_and_exits_0_on_sigterm
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_sigterm_drain_is_bounded_by_one_grace_period(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """SIGTERM with a request in flight past shutdown_grace: exit 0 within about one grace."""
+    red = Backend("red", delay=10)
+    red_server = await aiohttp_server(red.app(), host="127.0.0.1")
+    document = sidecar_document(op, str(red_server.make_url("")).rstrip("/"), closed_port_url())
+    document |= {"shutdown_grace": 2, "upstream": {"read_timeout": 30}}
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(yaml.safe_dump(document))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "--config", str(config_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        listening = await listening_urls(process.stdout)
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, listening["admin"] + "/readyz")
+            in_flight = asyncio.ensure_future(
+                session.get(listening["sidecar"] + "/red/slow", headers={
+                    "Authorization": f"Bearer {op.login('alice')}"})
+            )  # fmt: skip
+            while not red.seen:
+                await asyncio.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert await asyncio.wait_for(process.wait(), 10) == 0
+            assert time.monotonic() - started < 2.6
+            await asyncio.gather(in_flight, return_exceptions=True)
+        stderr = (await process.stderr.read()).decode()
+        stopping = [json.loads(line) for line in stderr.splitlines() if "stopping" in line]
+        assert [line["logger"] for line in stopping] == ["zonegate.serving"]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def listening_urls(stdout: asyncio.StreamReader) -> dict[str, str]:
+    """The URLs a zonegate program prints it listens on, by listener name."""
+    listening: dict[str, str] = {}
+    while len(listening) < 2:
+        line = (await asyncio.wait_for(stdout.readline(), 15)).decode()
+        assert line, "the sidecar exited before listening"
+        if " listening on " in line:
+            listening[line.split()[1]] = line.split()[-1]
+    return listening
