@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -28,6 +29,7 @@ from exchange.errors import (
 )
 from exchange.keys import generate_private_key, signing_key, write_private_key
 from exchange.server import create_app
+from sidecar import cli
 from sidecar.app import SIDECAR, Sidecar, build_sidecar
 from sidecar.config import parse_sidecar_config
 from sidecar.exchanger import read_answer
@@ -356,3 +358,24 @@ def test_5xx_answer_is_retryable_and_temporarily_unavailable() -> None:
     error = getattr(raised.value, "error", None)
     assert isinstance(error, TemporarilyUnavailable)
     assert exchange_refusal(error).headers["Retry-After"] == "9"
+
+
+@pytest.mark.parametrize("where", ["top", "route"])
+def test_check_names_a_doubled_client_secret_once(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """client_secret with client_secret_file: `zonegate check` exits 2 with that one error."""
+    (tmp_path / "secret").write_text("s3cret-shop")
+    exchange = {"mode": "remote", "issuer": "http://127.0.0.1:8081", "client_id": "shop-frontend",
+                "client_secret": "s3cret-shop", "client_secret_file": "secret"}  # fmt: skip
+    route: dict[str, Any] = {"upstream": "http://127.0.0.1:9001", "audience": "billing"}
+    document: dict[str, Any] = {"routes": [route]}
+    (document if where == "top" else route)["exchange"] = exchange
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert cli.main(["check", str(path)]) == 2
+    problems = capsys.readouterr().err.splitlines()[1:]
+    prefix = "exchange" if where == "top" else "routes[0].exchange"
+    assert problems == [
+        f"  {prefix}.client_secret: give either client_secret or client_secret_file, not both"
+    ]
