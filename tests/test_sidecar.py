@@ -751,13 +751,9 @@ async def test_zonegate_sidecar_subprocess_serves_readies_and_exits_0_on_sigterm
     op: DevOpenIDProvider, tmp_path: Path
 ) -> None:
     """`zonegate sidecar --config F` prints where it listens, gets ready, exits 0 on SIGTERM."""
-    document = sidecar_document(op, "http://127.0.0.1:9", "http://127.0.0.1:9")
-    config_file = tmp_path / "sidecar.yaml"
-    config_file.write_text(yaml.safe_dump(document))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "--config", str(config_file),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await sidecar_process(
+        sidecar_document(op, "http://127.0.0.1:9", "http://127.0.0.1:9"), tmp_path
+    )
     assert process.stdout is not None
     try:
         listening = await listening_urls(process.stdout)
@@ -780,12 +776,7 @@ async def test_sigterm_drain_is_bounded_by_one_grace_period(
     red_server = await aiohttp_server(red.app(), host="127.0.0.1")
     document = sidecar_document(op, str(red_server.make_url("")).rstrip("/"), closed_port_url())
     document |= {"shutdown_grace": 2, "upstream": {"read_timeout": 30}}
-    config_file = tmp_path / "sidecar.yaml"
-    config_file.write_text(yaml.safe_dump(document))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "--config", str(config_file),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    process = await sidecar_process(document, tmp_path)
     assert process.stdout is not None and process.stderr is not None
     try:
         listening = await listening_urls(process.stdout)
@@ -809,6 +800,16 @@ async def test_sigterm_drain_is_bounded_by_one_grace_period(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def sidecar_process(document: dict[str, Any], tmp_path: Path) -> asyncio.subprocess.Process:
+    """`python -m sidecar --config F` with ``document`` as F, stdout and stderr piped."""
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(yaml.safe_dump(document))
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "--config", str(config_file),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
 
 
 async def listening_urls(stdout: asyncio.StreamReader) -> dict[str, str]:
