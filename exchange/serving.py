@@ -51,6 +51,7 @@ async def serve(
         for listener in listeners:
             runner = web.AppRunner(listener.app, shutdown_timeout=LAST_CUT, handle_signals=False)
             await runner.setup()
+            runners.append(runner)  # cleaned up even if binding fails (its sessions close)
             site = web.TCPSite(
                 runner,
                 listener.host,
@@ -59,7 +60,6 @@ async def serve(
                 reuse_address=True,
             )
             await site.start()
-            runners.append(runner)
             port = _bound_port(runner)
             bound.append((listener.name, listener.host, port))
             scheme = "https" if listener.ssl_context else "http"

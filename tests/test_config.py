@@ -260,3 +260,21 @@ def test_non_utf8_config_is_a_clear_error(tmp_path: Path) -> None:
     assert (
         result.returncode == 2 and "not UTF-8" in result.stderr and "Traceback" not in result.stderr
     )
+
+
+def test_address_in_use_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    """zonegate exchange on a taken port says so and exits 1, with nothing left unclosed."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        document = json.loads(json.dumps(VALID))
+        document["clients"][0]["client_secret"] = "s"
+        document["listen"] = f"127.0.0.1:{port}"
+        document["trusted_issuers"] = [{"issuer": "http://127.0.0.1:9"}]  # nothing listens there
+        result = run_cli("exchange", "--config", str(write(tmp_path, document)))
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr and "Unclosed" not in result.stderr
