@@ -10,6 +10,7 @@ is a leak. ``tests/test_secrets_scan.py`` proves the scanner finds what it shoul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -180,17 +181,26 @@ def _scan_metrics(registries: Iterable[CollectorRegistry]) -> None:
         SCAN.add("metrics", text)
 
 
+@contextlib.contextmanager
+def recording(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` sees every record (DEBUG and up) of the root logger while the block runs."""
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def secrets_scan() -> Iterator[SecretScan]:
     """Session-wide: no token, secret or private key in any log line, metric or scanned output."""
     undo = _instrument()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(_RECORDER)
-    root.setLevel(logging.DEBUG)
-    yield SCAN
-    root.removeHandler(_RECORDER)
-    root.setLevel(level)
+    with recording(_RECORDER):
+        yield SCAN
     for restore in reversed(undo):
         restore()
     _scan_metrics([REGISTRY, *_REGISTRIES])
@@ -233,8 +243,6 @@ class Records(logging.Handler):
 def no_crash() -> Iterator[Records]:
     """Fails the test if anything logged an error or a traceback while it ran."""
     records = Records()
-    root = logging.getLogger()
-    root.addHandler(records)
-    yield records
-    root.removeHandler(records)
+    with recording(records):
+        yield records
     assert not records.crashes(), records.crashes()

@@ -34,6 +34,7 @@ from exchange.tokens import (
     TOKEN_TYPE_ACCESS_TOKEN,
 )
 from tests.conftest import exchange_document
+from tests.logchecks import recording
 
 ServerFactory = Callable[..., Any]
 FORM = "application/x-www-form-urlencoded"
@@ -71,13 +72,8 @@ class LogScan(logging.Handler):
 def log_scan() -> Iterator[LogScan]:
     """Every log line of the test, checked at the end for tokens and secrets."""
     scan = LogScan()
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(scan)
-    root.setLevel(logging.DEBUG)
-    yield scan
-    root.removeHandler(scan)
-    root.setLevel(level)
+    with recording(scan):
+        yield scan
     assert scan.lines, "the server logged nothing: the scan would prove nothing"
     assert not scan.leaks(), f"log lines contain tokens or secrets: {scan.leaks()}"
 
