@@ -9,17 +9,15 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
-
-import jwt
+from typing import TextIO
 
 from exchange import mint
 from exchange.config import ExchangeConfig, load_exchange_config
 from exchange.configload import load_yaml
 from exchange.core import ExchangeCore, Trace, subject_hash
 from exchange.errors import ExchangeError
-from exchange.keys import KeyRing
 from exchange.tokens import TokenExchangeRequest, parse_scope
+from exchange.validate import peek
 from sidecar.cli import config_kind
 from sidecar.config import EmbeddedExchange, load_sidecar_config
 
@@ -60,10 +58,10 @@ async def explain(
     config: ExchangeConfig, request: TokenExchangeRequest, client_ids: list[str], out: TextIO
 ) -> int:
     """Print the decision for ``request`` per client; 0 when a token would be issued to one."""
-    core = ExchangeCore(config, keyring=KeyRing(config))
+    core = ExchangeCore(config)
     size = len(request.subject_token)
     out.write(f"subject token sha256:{subject_hash(request.subject_token)} ({size} bytes)\n")
-    _describe_unverified(request.subject_token, out)
+    _describe_unverified(request.subject_token, out, config.max_token_size)
     try:
         outcomes = [
             await _explain_client(core, request, c, out, len(client_ids) > 1) for c in client_ids
@@ -102,18 +100,18 @@ async def _explain_client(
     return True
 
 
-def _describe_unverified(token: str, out: TextIO) -> None:
+def _describe_unverified(token: str, out: TextIO, max_size: int) -> None:
+    """What the token says about itself (the core's own parse), before anything is verified."""
     try:
-        header: dict[str, Any] = jwt.get_unverified_header(token)
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except (jwt.PyJWTError, ValueError, TypeError):
-        out.write("  (not a decodable JWT)\n")
+        unverified = peek(token, what="subject_token", max_size=max_size)
+    except ExchangeError as e:
+        out.write(f"  (cannot be read: {e.description})\n")
         return
-    seen = {k: header.get(k) for k in ("alg", "kid", "typ")}
+    seen = {k: unverified.header.get(k) for k in ("alg", "kid", "typ")}
     out.write(f"  header {json.dumps(seen)}\n")
-    if isinstance(claims, dict):
-        shown = {k: claims.get(k) for k in ("iss", "sub", "aud", "exp", "scope") if k in claims}
-        out.write(f"  claims (unverified) {json.dumps(shown)}\n")
+    claims = unverified.claims
+    shown = {k: claims[k] for k in ("iss", "sub", "aud", "exp", "scope") if k in claims}
+    out.write(f"  claims (unverified) {json.dumps(shown)}\n")
 
 
 def main(args: argparse.Namespace) -> int:
