@@ -96,7 +96,7 @@ class ExchangeCore:
         self.keys = keyring or KeyRing(config)
         self._fetcher = fetcher or HttpFetcher(config.fetch_timeout)
         self._clock = clock
-        self._index = policy.zone_index(config.zones)
+        self.zone_index = policy.zone_index(config.zones)  # audience/resource -> zone
         self._trusted = {t.issuer: t for t in config.trusted_issuers}
         self.issuer_keys = {
             t.issuer: IssuerKeys.for_config(
@@ -168,7 +168,7 @@ class ExchangeCore:
         actor = None
         if request.actor_token is not None:
             actor = await self._verify_token(request.actor_token, "actor_token", now, note)
-        decision = policy.decide(request, client, self.config, self._index, subject, actor, now)
+        decision = policy.decide(request, client, self.config, self.zone_index, subject, actor, now)
         if trace is not None:
             _explain_decision(trace, request, client, decision, subject, now, self.config)
         return Verified(subject, actor, decision)

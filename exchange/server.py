@@ -24,7 +24,7 @@ from aiohttp import hdrs, web
 
 from exchange import policy
 from exchange.clientauth import ClientAuthenticator, presented_credentials
-from exchange.config import ClientConfig, ExchangeConfig, ZoneConfig, load_exchange_config
+from exchange.config import ClientConfig, ExchangeConfig, load_exchange_config
 from exchange.configload import ConfigError
 from exchange.core import ExchangeCore, subject_hash
 from exchange.errors import ExchangeError, InvalidRequest
@@ -84,7 +84,6 @@ class Service:
     core: ExchangeCore
     auth: ClientAuthenticator
     limiter: RateLimiter
-    index: dict[str, ZoneConfig]
     shares_fetcher: bool  # the core fetches with the app's fetcher: its held keys may be adopted
 
     @classmethod
@@ -104,14 +103,15 @@ class Service:
             core=core,
             auth=ClientAuthenticator(config, fetch=fetcher, observe=metrics.observe_fetch),
             limiter=RateLimiter(config.clients, previous=previous.limiter if previous else None),
-            index=policy.zone_index(config.zones),
             shares_fetcher=shares_fetcher,
         )
 
     def zone_of(self, request: TokenExchangeRequest, client: ClientConfig) -> str:
         """The zone a request targets, for labels (``none`` when it targets none)."""
         try:
-            zone, _ = policy.select_zone(request, client, self.index, self.core.config.zones)
+            zone, _ = policy.select_zone(
+                request, client, self.core.zone_index, self.core.config.zones
+            )
         except ExchangeError:
             return NO_ZONE
         return zone.name
