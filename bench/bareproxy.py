@@ -6,7 +6,7 @@ idiomatic aiohttp proxy does, with the sidecar's own building blocks: its upstre
 request bodies pass still encoded), hop-by-hop filtering (``sidecar.proxy.end_to_end``) and
 chunked streaming both ways (``iter_chunked(CHUNK)`` up, ``sidecar.proxy.stream_back`` down:
 the very function the sidecar answers with). It runs on
-uvloop through ``exchange.serving``, as the sidecar does. What the sidecar costs beyond this is
+uvloop through ``runtime.serving``, as the sidecar does. What the sidecar costs beyond this is
 what its routing, token cache, metrics and request log cost.
 """
 
@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from exchange.serving import Listener, run, serve
+from runtime.serving import Listener, run, serve
 from sidecar.app import proxy_server_args, upstream_session
 from sidecar.config import SidecarConfig
 from sidecar.proxy import CHUNK, end_to_end, stream_back

@@ -136,7 +136,7 @@ class Workspace:
     ) -> Proc:
         """``zonegate sidecar|exchange --config F``, once it has said where it listens."""
         path = self.write(f"{name}.yaml", config)
-        command = [sys.executable, "-m", "sidecar.cli", program, "--config", str(path)]
+        command = [sys.executable, "-m", "zonegate.cli", program, "--config", str(path)]
         proc = await self.spawn(name, command, cpu=self.test_cpu, stdout_pipe=True)
         await read_listeners(proc, listeners)
         return proc

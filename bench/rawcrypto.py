@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.utils import base64url_decode
 
-from exchange.keys import load_private_key
+from exchange.server.keyfiles import load_private_key
 
 ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 

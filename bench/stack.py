@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.procs import UPSTREAM_SERVER, Proc, Workspace, proxy_pass, wait_http
-from exchange.devop import DevOpenIDProvider
+from devkit.provider import DevOpenIDProvider
 
 CLIENT_ID, CLIENT_SECRET = "shop-frontend", "bench-secret"  # benchmark-only credentials
 AUDIENCE, SCOPE = "billing", "billing:read"

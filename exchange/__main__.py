@@ -2,6 +2,9 @@
 
 import sys
 
-from sidecar.cli import main
+from exchange.server.app import main
+from runtime.program import run_program
 
-sys.exit(main(["exchange", *sys.argv[1:]]))
+sys.exit(
+    run_program("python -m exchange", "run the standalone exchange server", main, sys.argv[1:])
+)

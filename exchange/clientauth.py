@@ -1,4 +1,9 @@
-"""Client authentication at the token endpoint.
+"""Client authentication (RFC 6749 §2.3, RFC 7523): both sides.
+
+The server side authenticates token requests (``presented_credentials`` reads what a request
+presents, ``ClientAuthenticator`` proves it); the client side, below it, is what the sidecar
+presents to a remote token endpoint (``ClientSecretBasic``, ``PrivateKeyJwt``,
+``ServiceAccountToken``).
 
 Four methods, each named by the client's ``auth`` in config; a client must use its own:
 
@@ -20,21 +25,22 @@ import base64
 import binascii
 import heapq
 import hmac
-import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import unquote_plus
+from typing import Protocol
+from urllib.parse import quote_plus, unquote_plus
 
 import jwt
 
 from exchange.config import ClientConfig, ClusterIssuer, ExchangeConfig, TrustedIssuer
-from exchange.configload import ConfigError
 from exchange.errors import InvalidClient, InvalidRequest, TemporarilyUnavailable
-from exchange.issuers import FetchFailed, FetchObserver, HttpFetcher, IssuerKeys, parse_jwks
+from exchange.issuers import Clock, Fetcher, FetchFailed, FetchObserver, IssuerKeys, parse_jwks
+from exchange.keys import SigningKey
 from exchange.tokens import CLIENT_ASSERTION_TYPE_JWT_BEARER, single
 from exchange.validate import Unverified, peek, verify
+from runtime.configload import ConfigError
 
 CLIENT_SECRET_BASIC = "client_secret_basic"
 CLIENT_SECRET_POST = "client_secret_post"
@@ -48,7 +54,6 @@ MAX_ASSERTION_LIFETIME = 300  # RFC 7523 §3: exp "SHOULD" be short; we say at m
 MAX_JTI_LENGTH = 256
 MAX_CREDENTIAL_LENGTH = 4096
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
-Fetch = Callable[[str], Awaitable[tuple[dict[str, Any], str | None]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,14 +179,15 @@ class ClientAuthenticator:
         self,
         config: ExchangeConfig,
         *,
-        fetch: Fetch | None = None,
+        fetch: Fetcher,
+        clock: Clock,
         observe: FetchObserver | None = None,
         replay: ReplayCache | None = None,
     ) -> None:
         self._config = config
         self._clients = config.clients
-        self._fetcher = HttpFetcher(config.fetch_timeout) if fetch is None else None
-        self._fetch: Fetch = fetch or self._fetcher  # type: ignore[assignment]
+        self._fetch = fetch
+        self._clock = clock
         self._observe = observe
         self._replay = replay or ReplayCache()
         root = config.issuer.rstrip("/")
@@ -202,17 +208,16 @@ class ClientAuthenticator:
 
     def _issuer_keys(self, name: str, jwks_uri: str | None) -> IssuerKeys:
         return IssuerKeys.for_config(
-            name, self._fetch, self._config, jwks_uri=jwks_uri, observe=self._observe
+            name,
+            self._fetch,
+            self._config,
+            clock=self._clock,
+            jwks_uri=jwks_uri,
+            observe=self._observe,
         )
 
-    async def close(self) -> None:
-        """Release the HTTP session used for client and cluster keys."""
-        if self._fetcher is not None:
-            await self._fetcher.close()
-
-    async def authenticate(self, presented: Presented, *, now: float | None = None) -> ClientConfig:
+    async def authenticate(self, presented: Presented, *, now: float) -> ClientConfig:
         """The client the credentials prove, or InvalidClient."""
-        now = time.time() if now is None else now
         if presented.method == NOTHING:
             raise InvalidClient("client authentication required", basic_tried=True)
         if presented.method == CLIENT_ASSERTION:
@@ -326,3 +331,71 @@ def _inline_keys(clients: Mapping[str, ClientConfig]) -> dict[str, dict[str, jwt
     if errors:
         raise ConfigError(errors)
     return parsed
+
+
+# -- the client side: what a client presents to a token endpoint -----------------------------
+
+ASSERTION_LIFETIME = 60
+FormFields = list[tuple[str, str]]
+
+
+class ClientCredential(Protocol):
+    """Adds client authentication to a token request: (form fields, headers)."""
+
+    def authenticate(self, endpoint: str, now: float) -> tuple[FormFields, dict[str, str]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecretBasic:
+    """RFC 6749 §2.3.1: id and secret form-urlencoded, then Basic (what ``_basic`` reads)."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+
+    def authenticate(self, endpoint: str, now: float) -> tuple[FormFields, dict[str, str]]:
+        pair = f"{quote_plus(self.client_id)}:{quote_plus(self.client_secret)}"
+        return [], {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateKeyJwt:
+    """RFC 7523 §2.2: a fresh, short-lived assertion with a new ``jti`` on every call."""
+
+    client_id: str
+    key: SigningKey = field(repr=False)
+
+    def authenticate(self, endpoint: str, now: float) -> tuple[FormFields, dict[str, str]]:
+        issued = int(now)
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": endpoint,
+            "jti": secrets.token_urlsafe(16),
+            "iat": issued,
+            "exp": issued + ASSERTION_LIFETIME,
+        }
+        assertion = jwt.encode(
+            claims, self.key.private_key, algorithm=self.key.alg, headers={"kid": self.key.kid}
+        )
+        return assertion_fields(self.client_id, assertion), {}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceAccountToken:
+    """A Kubernetes projected service-account token as a jwt-bearer client assertion;
+    ``read`` returns the current token (the kubelet rotates the file)."""
+
+    client_id: str
+    read: Callable[[], str] = field(repr=False)
+
+    def authenticate(self, endpoint: str, now: float) -> tuple[FormFields, dict[str, str]]:
+        return assertion_fields(self.client_id, self.read()), {}
+
+
+def assertion_fields(client_id: str, assertion: str) -> FormFields:
+    """RFC 7521 §4.2: a client assertion in the form."""
+    return [
+        ("client_id", client_id),
+        ("client_assertion_type", CLIENT_ASSERTION_TYPE_JWT_BEARER),
+        ("client_assertion", assertion),
+    ]

@@ -1,4 +1,4 @@
-"""The exchange config (DESIGN.md "Config"): typed, frozen, validated at start."""
+"""The exchange config: typed, frozen models and their readers, validated at start."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import jwt
 
-from exchange.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+from runtime.configload import ConfigError, Node, load_yaml, parse_listen, read_document
 
 DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 ALLOWED_ALGORITHMS = frozenset(
@@ -36,10 +36,6 @@ class TrustedIssuer:
     audiences: tuple[str, ...] | None = None
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     jwks_uri: str | None = None  # skip discovery when given
-
-    @property
-    def discovery_url(self) -> str:
-        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
 
 
 @dataclass(frozen=True, slots=True)

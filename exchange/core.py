@@ -1,13 +1,13 @@
 """ExchangeCore: the embedded API. ``await core.exchange(request, client=...) -> TokenResponse``.
 
-The core decides; its only I/O is fetching trusted issuers' keys (``exchange.issuers``). The
-HTTP server and the sidecar's embedded exchanger are adapters around it.
+The core decides and does no I/O: zone keys, the fetcher of trusted issuers' documents and the
+clock are given to it (``exchange.server.wiring.build_core`` wires the real ones). The HTTP
+server and the sidecar's embedded exchanger are adapters around it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +15,9 @@ from typing import Any
 from exchange import mint, policy, validate
 from exchange.config import DEFAULT_ALGORITHMS, ClientConfig, ExchangeConfig, TrustedIssuer
 from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
-from exchange.issuers import FetchObserver, HttpFetcher, IssuerKeys
+from exchange.issuers import Clock, Fetcher, FetchObserver, IssuerKeys
 from exchange.keys import KeyRing
+from exchange.metadata import openid_configuration_url
 from exchange.tokens import GRANT_TYPE_TOKEN_EXCHANGE, TokenExchangeRequest, TokenResponse
 
 
@@ -87,26 +88,26 @@ class ExchangeCore:
         self,
         config: ExchangeConfig,
         *,
-        keyring: KeyRing | None = None,
-        fetcher: HttpFetcher | None = None,
+        keys: KeyRing,
+        fetcher: Fetcher,
+        clock: Clock,
         observe_fetch: FetchObserver | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.keys = keyring or KeyRing(config)
-        self._fetcher = fetcher or HttpFetcher(config.fetch_timeout)
+        self.keys = keys
+        self._fetcher = fetcher
         self._clock = clock
         self.zone_index = policy.zone_index(config.zones)  # audience/resource -> zone
         self._trusted = {t.issuer: t for t in config.trusted_issuers}
         self.issuer_keys = {
             t.issuer: IssuerKeys.for_config(
-                t.issuer, self._fetcher, config, jwks_uri=t.jwks_uri, observe=observe_fetch
+                t.issuer, fetcher, config, clock=clock, jwks_uri=t.jwks_uri, observe=observe_fetch
             )
             for t in config.trusted_issuers
         }
 
     async def close(self) -> None:
-        """Release the HTTP session used for issuer keys."""
+        """Release the fetcher the core was given (its HTTP session)."""
         await self._fetcher.close()
 
     async def warm(self) -> list[str]:
@@ -153,6 +154,8 @@ class ExchangeCore:
             expires_in=decision.lifetime,
             scope=decision.scope,
             claims=claims,
+            zone=decision.zone.name,
+            expires_at=float(claims["exp"]),
         )
 
     async def verify(
@@ -231,8 +234,7 @@ class ExchangeCore:
             "token_endpoint_auth_signing_alg_values_supported": list(DEFAULT_ALGORITHMS),
             "response_types_supported": ["token"],
             "zones": {
-                name: f"{root}/zones/{name}/.well-known/openid-configuration"
-                for name in self.config.zones
+                name: openid_configuration_url(f"{root}/zones/{name}") for name in self.config.zones
             },
         }
 

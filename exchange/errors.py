@@ -2,7 +2,7 @@
 
 Every failure the token endpoint can report is an ``ExchangeError``: it carries the RFC 6749
 §5.2 / RFC 8693 §2.2.2 ``error`` code and a status *hint* that the one HTTP adapter
-(``exchange.server``) or the sidecar turns into a response::
+(``exchange.server.app``) or the sidecar turns into a response::
 
     ExchangeError                   server_error            500
     ├── InvalidRequest              invalid_request         400  (also: bad subject/actor token)
@@ -14,6 +14,8 @@ Every failure the token endpoint can report is an ``ExchangeError``: it carries 
     ├── InvalidTarget               invalid_target          400
     ├── SlowDown                    slow_down               429  (per-client rate limit)
     └── TemporarilyUnavailable      temporarily_unavailable 503  (issuer keys cannot be had)
+        └── EndpointUnavailable                             503  (a remote token endpoint
+                                                                  failed: worth a retry)
 
 Descriptions are written for an operator and never contain a token or a secret.
 """
@@ -96,6 +98,10 @@ class TemporarilyUnavailable(ExchangeError):
     """The server cannot answer now, e.g. a trusted issuer's keys cannot be had (RFC 6749 §4.1.2.1)."""
 
     error, status_hint = "temporarily_unavailable", 503
+
+
+class EndpointUnavailable(TemporarilyUnavailable):
+    """A remote token endpoint could not be reached or answered 5xx: another attempt may work."""
 
 
 MAX_ECHOED = 64

@@ -1,7 +1,8 @@
 """Keys of trusted issuers: OIDC discovery then ``jwks_uri``, cached, refetched on an unknown kid.
 
-This is the core's only I/O. Fetches use aiohttp (never pyjwt's blocking ``PyJWKClient``); the
-JWKS dict goes to ``PyJWK``. Rules:
+Sans-IO: the documents come from an injected ``Fetcher`` (the server's is aiohttp, never
+pyjwt's blocking ``PyJWKClient``) and time from an injected clock; the JWKS dict goes to
+``PyJWK``. Rules:
 
 * keys are fresh for the response's ``Cache-Control: max-age`` (bounded), then refreshed;
 * an unknown ``kid`` triggers one refetch, at most every ``min_refresh`` seconds per issuer,
@@ -13,25 +14,31 @@ JWKS dict goes to ``PyJWK``. Rules:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import aiohttp
 import jwt
 
 from exchange.config import ExchangeConfig
 from exchange.errors import InvalidRequest, TemporarilyUnavailable
+from exchange.metadata import openid_configuration_url
 
 log = logging.getLogger("zonegate.issuers")
 
-MAX_DOCUMENT_BYTES = 1 << 20
 MIN_MAX_AGE = 60
 FetchObserver = Callable[[str, str], None]  # (issuer, outcome) -> None
+Clock = Callable[[], float]
+
+
+class Fetcher(Protocol):
+    """Gets a JSON document and its Cache-Control; raises FetchFailed."""
+
+    async def __call__(self, url: str) -> tuple[dict[str, Any], str | None]: ...
+
+    async def close(self) -> None: ...
 
 
 class FetchFailed(Exception):
@@ -67,14 +74,14 @@ class IssuerKeys:
     def __init__(
         self,
         issuer: str,
-        fetch: Callable[[str], Awaitable[tuple[dict[str, Any], str | None]]],
+        fetch: Fetcher,
         *,
+        clock: Clock,
         jwks_uri: str | None = None,
         min_refresh: float = 10.0,
         max_age: int = 3600,
         stale_for: int = 86400,
         observe: FetchObserver | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.issuer = issuer
         self._fetch = fetch
@@ -93,9 +100,10 @@ class IssuerKeys:
     def for_config(
         cls,
         issuer: str,
-        fetch: Callable[[str], Awaitable[tuple[dict[str, Any], str | None]]],
+        fetch: Fetcher,
         config: ExchangeConfig,
         *,
+        clock: Clock,
         jwks_uri: str | None = None,
         observe: FetchObserver | None = None,
     ) -> IssuerKeys:
@@ -103,6 +111,7 @@ class IssuerKeys:
         return cls(
             issuer,
             fetch,
+            clock=clock,
             jwks_uri=jwks_uri,
             min_refresh=config.jwks_min_refresh,
             max_age=config.jwks_max_age,
@@ -191,7 +200,7 @@ class IssuerKeys:
         self._count("ok")
 
     async def _discover(self) -> str:
-        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        url = openid_configuration_url(self.issuer)
         document, _ = await self._fetch(url)
         if document.get("issuer") != self.issuer:
             raise FetchFailed(
@@ -227,38 +236,3 @@ def parse_jwks(document: dict[str, Any]) -> dict[str, jwt.PyJWK]:
     if not out:
         raise FetchFailed("JWKS document has no usable signature keys")
     return out
-
-
-class HttpFetcher:
-    """Fetches JSON documents with aiohttp, bounded in size and time."""
-
-    def __init__(self, timeout: float = 5.0, ssl: Any = None) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 2.0))
-        self._ssl = ssl
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __call__(self, url: str) -> tuple[dict[str, Any], str | None]:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
-        try:
-            async with self._session.get(url, ssl=self._ssl, allow_redirects=False) as response:
-                if response.status != 200:
-                    raise FetchFailed(f"GET {url} answered {response.status}")
-                body = await response.content.read(MAX_DOCUMENT_BYTES + 1)
-                cache_control = response.headers.get("Cache-Control")
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise FetchFailed(f"GET {url} failed: {type(e).__name__}: {e}") from e
-        if len(body) > MAX_DOCUMENT_BYTES:
-            raise FetchFailed(f"GET {url}: document larger than {MAX_DOCUMENT_BYTES} bytes")
-        try:
-            document = json.loads(body)
-        except ValueError as e:
-            raise FetchFailed(f"GET {url}: not JSON") from e
-        if not isinstance(document, dict):
-            raise FetchFailed(f"GET {url}: not a JSON object")
-        return document, cache_control
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

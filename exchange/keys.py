@@ -1,24 +1,17 @@
-"""Zone signing keys: PEM loading, key ids (RFC 7638 thumbprints), JWKS documents, rotation."""
+"""Zone signing keys: key ids (RFC 7638 thumbprints), JWKS documents, rotation. Sans-IO:
+the key files are read by ``exchange.server.keyfiles``."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
-
-from exchange.config import ExchangeConfig, ZoneConfig
-from exchange.configload import ConfigError
-
-log = logging.getLogger("zonegate.keys")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 MIN_RSA_BITS = 2048  # RFC 7518 §3.3
@@ -57,14 +50,6 @@ def private_key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def write_private_key(key: PrivateKey, path: Path) -> None:
-    """Write ``key`` to ``path`` readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file (--force) keeps its old mode otherwise
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_key_pem(key))
 
 
 def algorithm_for(key: PrivateKey, preferred: str | None = None) -> str:
@@ -116,21 +101,6 @@ def signing_key(key: PrivateKey, preferred_alg: str | None = None) -> SigningKey
     return SigningKey(kid=kid, alg=alg, private_key=key, public_jwk=jwk)
 
 
-def load_private_key(path: Path) -> PrivateKey:
-    """Read a PEM private key; raise ValueError with a readable reason."""
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from e
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not an unencrypted PEM private key") from e
-    if not isinstance(
-        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-    ):
-        raise ValueError(f"{path}: unsupported key type {type(key).__name__}")
-    return key
-
-
 @dataclass(frozen=True, slots=True)
 class ZoneKeys:
     """A zone's current signing key and the next one, published ahead of rotation."""
@@ -144,68 +114,30 @@ class ZoneKeys:
         return {"keys": keys}
 
 
-def _file_stamp(path: Path | None) -> tuple[float, int] | None:
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime, st.st_size)
-
-
 class KeyRing:
-    """Every zone's keys; ``reload()`` re-reads key files that changed, keeping the old on error."""
+    """Every zone's keys, as loaded by the caller; ``replace`` swaps one zone's on rotation."""
 
-    def __init__(self, config: ExchangeConfig) -> None:
-        self._zones = config.zones
-        self._keys: dict[str, ZoneKeys] = {}
-        self._stamps: dict[str, tuple[object, object]] = {}
-        errors = [e for name in self._zones if (e := self._load_zone(name))]
-        if errors:
-            raise ConfigError(errors)
+    def __init__(self, zones: dict[str, ZoneKeys]) -> None:
+        self._keys = dict(zones)
 
     def __getitem__(self, zone: str) -> ZoneKeys:
         return self._keys[zone]
 
-    def _load_zone(self, name: str) -> str | None:
-        zone = self._zones[name]
-        try:
-            keys = self._read(zone)
-        except ValueError as e:
-            return f"zones.{name}.signing_key_file: {e}"
-        self._keys[name] = keys
-        self._stamps[name] = (
-            _file_stamp(zone.signing_key_file),
-            _file_stamp(zone.next_signing_key_file),
-        )
-        return None
+    def __contains__(self, zone: object) -> bool:
+        return zone in self._keys
 
-    def _read(self, zone: ZoneConfig) -> ZoneKeys:
-        if zone.signing_key_file is None:
-            if zone.name in self._keys:
-                return self._keys[zone.name]
-            log.warning(
-                "zone %s has no signing_key_file: using an ephemeral ES256 key (dev only; "
-                "tokens stop verifying on restart)",
-                zone.name,
-            )
-            current = signing_key(generate_private_key("ES256"))
-        else:
-            current = signing_key(load_private_key(zone.signing_key_file), zone.signing_alg)
-        nxt = None
-        if zone.next_signing_key_file is not None:
-            nxt = signing_key(load_private_key(zone.next_signing_key_file), zone.signing_alg)
-        return ZoneKeys(current, nxt)
+    def replace(self, zone: str, keys: ZoneKeys) -> None:
+        self._keys[zone] = keys
 
-    def reload(self) -> list[str]:
-        """Re-read the key files whose stamp changed; return the errors (old keys kept)."""
-        errors = []
-        for name, zone in self._zones.items():
-            stamps = (_file_stamp(zone.signing_key_file), _file_stamp(zone.next_signing_key_file))
-            if stamps != self._stamps.get(name):
-                if error := self._load_zone(name):
-                    errors.append(error)
-                else:
-                    log.info("zone %s keys reloaded (kid %s)", name, self._keys[name].current.kid)
-        return errors
+
+def parse_private_key(pem: bytes, origin: str) -> PrivateKey:
+    """A PEM private key; ValueError with a readable reason naming ``origin``."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{origin} is not an unencrypted PEM private key") from e
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise ValueError(f"{origin}: unsupported key type {type(key).__name__}")
+    return key

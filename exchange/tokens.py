@@ -1,13 +1,27 @@
-"""Token Exchange vocabulary (RFC 8693 §2-3): URNs, the request and the response. Sans-IO."""
+"""Token Exchange vocabulary (RFC 8693 §2-3): URNs, the request and the response. Sans-IO.
+
+Both sides of the wire live here: a server parses a request (``parse_token_request``) and
+encodes its answer (``TokenResponse.to_dict``); a client encodes a request
+(``encode_token_request``) and reads the answer (``read_token_response``).
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exchange.errors import InvalidRequest, UnsupportedGrantType
+from exchange.config import ZONE_NAME
+from exchange.errors import (
+    EndpointUnavailable,
+    ExchangeError,
+    InvalidRequest,
+    UnsupportedGrantType,
+    error_from_code,
+)
+from exchange.validate import unverified_claims
 
 GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 GRANT_TYPE_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -92,7 +106,8 @@ class TokenExchangeRequest:
 
 @dataclass(frozen=True, slots=True)
 class TokenResponse:
-    """An RFC 8693 §2.2.1 successful response."""
+    """An RFC 8693 §2.2.1 successful response, with the zone whose token it carries (None when
+    a remote answer does not say) and the absolute time it expires."""
 
     access_token: str
     issued_token_type: str
@@ -100,6 +115,8 @@ class TokenResponse:
     scope: tuple[str, ...]
     token_type: str = "Bearer"
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    zone: str | None = None
+    expires_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of the response."""
@@ -116,7 +133,7 @@ class TokenResponse:
     def __repr__(self) -> str:  # never print the token
         return (
             f"TokenResponse(issued_token_type={self.issued_token_type!r}, "
-            f"expires_in={self.expires_in}, scope={self.scope!r})"
+            f"expires_in={self.expires_in}, scope={self.scope!r}, zone={self.zone!r})"
         )
 
 
@@ -189,3 +206,85 @@ def encode_token_request(request: TokenExchangeRequest) -> list[tuple[str, str]]
             ("actor_token_type", request.actor_token_type),
         ]
     return fields
+
+
+# -- the client side: reading a token endpoint's answer --------------------------------------
+
+MAX_RETRY_AFTER = 300
+
+
+def read_token_response(
+    status: int, body: bytes, *, retry_after: str | None, now: float
+) -> TokenResponse:
+    """Turn a token endpoint's answer into a TokenResponse or the error it carries.
+
+    5xx is EndpointUnavailable (worth a retry); any other non-200 is the OAuth error it names
+    (RFC 6749 §5.2), or ExchangeError when it names none.
+    """
+    if status >= 500:
+        raise EndpointUnavailable(
+            f"token endpoint answered {status}", retry_after=parse_retry_after(retry_after)
+        )
+    document = _json_object(body)
+    if status != 200:
+        code = document.get("error") if document else None
+        if not isinstance(code, str):
+            raise ExchangeError(f"token endpoint answered {status} without an OAuth error")
+        description = document.get("error_description") if document else None
+        # e.g. 429 slow_down carries its Retry-After
+        raise error_from_code(code, str(description or code), parse_retry_after(retry_after))
+    return _token_of(document, now)
+
+
+def _token_of(document: dict[str, Any] | None, now: float) -> TokenResponse:
+    """RFC 8693 §2.2.1: access_token, token_type Bearer, expires_in (else the JWT's exp)."""
+    if document is None:
+        raise ExchangeError("token endpoint answer is not a JSON object")
+    token = document.get("access_token")
+    token_type = document.get("token_type")
+    if not isinstance(token, str) or not token:
+        raise ExchangeError("token endpoint answer has no access_token")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise ExchangeError("token endpoint answer is not a Bearer token")
+    claims = unverified_claims(token)
+    expires_in = document.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
+        expires_at = now + float(expires_in)
+    elif isinstance(claims.get("exp"), int | float):
+        expires_at = float(claims["exp"])
+    else:
+        expires_at = now  # unknown lifetime: use once, never cache
+    issued_type = document.get("issued_token_type")
+    scope = document.get("scope")
+    return TokenResponse(
+        access_token=token,
+        issued_token_type=issued_type if isinstance(issued_type, str) else TOKEN_TYPE_ACCESS_TOKEN,
+        expires_in=max(0, int(expires_at - now)),
+        scope=tuple(scope.split()) if isinstance(scope, str) else (),
+        claims=claims,
+        zone=zone_of_issuer(claims.get("iss")),
+        expires_at=expires_at,
+    )
+
+
+def zone_of_issuer(issuer: Any) -> str | None:
+    """The zone of a zone issuer URL (``<base>/zones/<zone>``), or None."""
+    if isinstance(issuer, str) and "/zones/" in issuer:
+        zone = issuer.rsplit("/zones/", 1)[1]
+        return zone if ZONE_NAME.match(zone) else None
+    return None
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def parse_retry_after(value: str | None) -> int | None:
+    """A delta-seconds Retry-After, bounded; None when absent or an HTTP date."""
+    if value is not None and value.strip().isdigit():
+        return max(1, min(int(value), MAX_RETRY_AFTER))
+    return None

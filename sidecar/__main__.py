@@ -2,6 +2,7 @@
 
 import sys
 
-from sidecar.cli import main
+from runtime.program import run_program
+from sidecar.app import main
 
-sys.exit(main(["sidecar", *sys.argv[1:]]))
+sys.exit(run_program("python -m sidecar", "run the sidecar proxy", main, sys.argv[1:]))

@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from exchange.configload import ConfigError
-from exchange.httpdocs import zone_routes
-from exchange.logsetup import quiet_parse_errors, setup_logging
-from exchange.serving import Listener, run, serve
+from exchange.server.documents import zone_routes
+from runtime.configload import ConfigError
+from runtime.logsetup import quiet_parse_errors, setup_logging
+from runtime.serving import Listener, run, serve
 from sidecar.cache import Clock, TokenCache
 from sidecar.config import SidecarConfig, load_sidecar_config
 from sidecar.exchanger import EmbeddedExchanger, Exchanger, build_exchanger

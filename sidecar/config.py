@@ -1,4 +1,4 @@
-"""The sidecar config (DESIGN.md "Config", sidecar part): typed, frozen, validated at start.
+"""The sidecar config: typed, frozen, validated at start.
 
 Every problem is reported by its YAML path (``routes[1].upstream: required``), all at once. The
 embedded exchange config is read from ``exchange.config`` (a file, relative to this config's
@@ -8,18 +8,21 @@ folder) or inline from ``exchange.core``; its problems carry the matching prefix
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
-from dataclasses import astuple, dataclass, field
+import secrets
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from yarl import URL
 
 from exchange.config import ExchangeConfig, parse_exchange_config, read_exchange
-from exchange.configload import ConfigError, Node, load_yaml, parse_listen, read_document
 from exchange.errors import InvalidRequest
-from exchange.keys import load_private_key
+from exchange.keys import KeyRing, SigningKey, signing_key
+from exchange.server.keyfiles import load_keyring, load_private_key
 from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, parse_scope
+from runtime.configload import ConfigError, Node, load_yaml, parse_listen, read_document
 
 REQUESTED_TOKEN_TYPES = {
     "access_token": TOKEN_TYPE_ACCESS_TOKEN,
@@ -28,6 +31,8 @@ REQUESTED_TOKEN_TYPES = {
     TOKEN_TYPE_JWT: TOKEN_TYPE_JWT,
 }
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+LOADED = {"loaded": True}  # a field loaded from files the config names: not part of identity
+_IDENTITY_KEY = secrets.token_bytes(32)
 HOST = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
 
 
@@ -43,10 +48,12 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class EmbeddedExchange:
-    """The exchange core runs in-process; ``client_id`` names whose policy applies."""
+    """The exchange core runs in-process; ``client_id`` names whose policy applies. ``keys``
+    are the zone keys, loaded once while the config was checked."""
 
     client_id: str
     core: ExchangeConfig = field(repr=False)
+    keys: KeyRing | None = field(default=None, repr=False, compare=False, metadata=LOADED)
     mode = "embedded"
 
     @property
@@ -63,6 +70,7 @@ class RemoteExchange:
     issuer: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     private_key_file: Path | None = None
+    client_key: SigningKey | None = field(default=None, repr=False, compare=False, metadata=LOADED)
     service_account_token_file: Path | None = None
     ca_file: Path | None = None
     timeout: float = 1.0
@@ -78,9 +86,11 @@ ExchangeSettings = EmbeddedExchange | RemoteExchange
 
 
 def fingerprint(settings: ExchangeSettings) -> str:
-    """A short SHA-256 over every setting, secrets and file paths included: exchanges that
-    differ in anything get distinct identities, and the identity (logged) shows no secret."""
-    return hashlib.sha256(repr(astuple(settings)).encode()).hexdigest()[:12]
+    """A short HMAC over every setting, secrets and file paths included, keyed with a random
+    per-process key: exchanges that differ in anything get distinct identities, and the
+    identity (logged) reveals nothing about a secret, not even to an offline guesser."""
+    values = [getattr(settings, f.name) for f in fields(settings) if not f.metadata.get("loaded")]
+    return hmac.new(_IDENTITY_KEY, repr(values).encode(), hashlib.sha256).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +109,7 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    """Token cache bounds (DESIGN.md "cache")."""
+    """Token cache bounds."""
 
     max_entries: int = 10000
     expiry_skew: int = 30
@@ -185,10 +195,10 @@ def _read_embedded(node: Node, client_id: str) -> EmbeddedExchange:
         node.raw("config")
         return EmbeddedExchange(client_id, _EMPTY_CORE)
     core = read_exchange(node.child("core")) if node.has("core") else _load_core_file(node)
-    _check_zone_keys(node, core)
+    keys = _load_zone_keys(node, core)
     if client_id and core.clients and client_id not in core.clients:
         node.error("client_id", f"no client {client_id!r} in the exchange config")
-    return EmbeddedExchange(client_id, core)
+    return EmbeddedExchange(client_id, core, keys)
 
 
 def _load_core_file(node: Node) -> ExchangeConfig:
@@ -203,19 +213,22 @@ def _load_core_file(node: Node) -> ExchangeConfig:
         return _EMPTY_CORE
 
 
-def _check_zone_keys(node: Node, core: ExchangeConfig) -> None:
-    """Signing key files must load now, not at the first request."""
-    for zone in core.zones.values():
-        for key_file in (zone.signing_key_file, zone.next_signing_key_file):
-            if key_file is not None:
-                _check_private_key(node, f"core.zones.{zone.name}", key_file)
-
-
-def _check_private_key(node: Node, key: str, path: Path) -> None:
+def _load_zone_keys(node: Node, core: ExchangeConfig) -> KeyRing | None:
+    """Signing key files load now, once, not at the first request; errors name the zone."""
     try:
-        load_private_key(path)
+        return load_keyring(core)
+    except ConfigError as e:
+        for line in e.errors:
+            node.problems.add(node.at(f"core.{line.split(': ', 1)[0]}"), line.split(": ", 1)[1])
+        return None
+
+
+def _load_client_key(node: Node, key: str, path: Path) -> SigningKey | None:
+    try:
+        return signing_key(load_private_key(path))
     except ValueError as e:
         node.error(key, str(e))
+        return None
 
 
 def _read_remote(node: Node, client_id: str) -> RemoteExchange:
@@ -248,7 +261,8 @@ def _read_remote(node: Node, client_id: str) -> RemoteExchange:
             f"or service_account_token_file (got {', '.join(credentials) or 'none'})",
         )
     if settings.private_key_file is not None:
-        _check_private_key(node, "private_key_file", settings.private_key_file)
+        key = _load_client_key(node, "private_key_file", settings.private_key_file)
+        settings = replace(settings, client_key=key)
     return settings
 
 

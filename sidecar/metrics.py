@@ -1,4 +1,4 @@
-"""Sidecar metrics (DESIGN.md "Metrics", pinned names), in a registry of their own.
+"""Sidecar metrics (the documented names, see docs/operations.md), in a registry of their own.
 
 Labels are bounded sets: route names from the config (or ``none`` for refused requests), HTTP
 status codes, cache results, zone names seen in issued tokens (at most ``MAX_ZONES``, then

@@ -39,10 +39,11 @@ from exchange.errors import (
     TemporarilyUnavailable,
     UnauthorizedClient,
 )
-from exchange.tokens import TokenExchangeRequest
+from exchange.tokens import TokenExchangeRequest, TokenResponse
+from exchange.validate import unverified_claims
 from sidecar.cache import CacheKey, Issued, TokenCache
 from sidecar.config import Route, SidecarConfig
-from sidecar.exchanger import Exchanged, Exchanger, unverified_claims
+from sidecar.exchanger import Exchanger
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
 from sidecar.routes import BadPath, Match, RouteTable
 
@@ -135,7 +136,7 @@ class ProxyError(Exception):
 
 
 def exchange_refusal(e: ExchangeError) -> ProxyError:
-    """DESIGN.md "Sidecar behaviour": the one mapping of exchange failures to HTTP."""
+    """docs/sidecar.md "Errors": the one mapping of exchange failures to HTTP."""
     if isinstance(e, InvalidRequest):
         challenge = f'Bearer error="invalid_token", error_description="{_quotable(e.description)}"'
         return ProxyError(401, "invalid_token", e.description, {"WWW-Authenticate": challenge})
@@ -473,7 +474,7 @@ async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse) ->
         return response
 
 
-async def _ask(exchanger: Exchanger, route: Route, subject_token: str) -> Exchanged:
+async def _ask(exchanger: Exchanger, route: Route, subject_token: str) -> TokenResponse:
     """The RFC 8693 request for a route's target; every failure is an ExchangeError."""
     try:
         request = TokenExchangeRequest(

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
+from devkit.provider import DevOpenIDProvider
 from exchange.config import ExchangeConfig, parse_exchange_config
 from exchange.core import ExchangeCore
-from exchange.devop import DevOpenIDProvider
+from exchange.server.wiring import build_core
 
 NOW = 1_900_000_000.0  # a fixed clock for pure tests
 ServerFactory = Callable[..., Any]
@@ -76,7 +77,7 @@ def exchange_config(op: DevOpenIDProvider, **overrides: Any) -> ExchangeConfig:
 @pytest.fixture
 async def core(op: DevOpenIDProvider) -> AsyncIterator[ExchangeCore]:
     """An exchange core trusting ``op``, on the real clock."""
-    c = ExchangeCore(exchange_config(op))
+    c = build_core(exchange_config(op))
     yield c
     await c.close()
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from exchange.devop import DevOpenIDProvider
-from exchange.logsetup import JsonFormatter
+from devkit.provider import DevOpenIDProvider
+from runtime.logsetup import JsonFormatter
 
 JWT_SHAPE = re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.eyJ[A-Za-z0-9_-]{6,}\.")
 B64URL_RUN = re.compile(r"[A-Za-z0-9_-]{16,}")

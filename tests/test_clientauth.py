@@ -23,11 +23,12 @@ from exchange.clientauth import (
     presented_credentials,
 )
 from exchange.config import ExchangeConfig, RateLimit, parse_exchange_config
-from exchange.configload import ConfigError
 from exchange.errors import InvalidClient, InvalidRequest, SlowDown, TemporarilyUnavailable
+from exchange.issuers import FetchFailed
 from exchange.keys import generate_private_key, signing_key
 from exchange.ratelimit import RateLimiter, TokenBucket
 from exchange.tokens import CLIENT_ASSERTION_TYPE_JWT_BEARER
+from runtime.configload import ConfigError
 from tests.conftest import NOW
 
 ISSUER = "https://tx.example"
@@ -62,9 +63,23 @@ def config(**client_overrides: Any) -> ExchangeConfig:
     return parse_exchange_config(document, Path.cwd())
 
 
+class NoFetch:
+    """A fetcher for tests whose clients all carry inline keys: any fetch is a test failure."""
+
+    async def __call__(self, url: str) -> tuple[dict[str, Any], str | None]:
+        raise FetchFailed(f"this test fetches nothing, yet asked for {url}")
+
+    async def close(self) -> None:
+        pass
+
+
+def authenticator(document_config: ExchangeConfig) -> ClientAuthenticator:
+    return ClientAuthenticator(document_config, fetch=NoFetch(), clock=lambda: NOW)
+
+
 @pytest.fixture
 def auth() -> ClientAuthenticator:
-    return ClientAuthenticator(config())
+    return authenticator(config())
 
 
 def basic(client_id: str, secret: str, *, form_encoded: bool) -> str:
@@ -197,7 +212,7 @@ async def test_hashed_secret_matches() -> None:
     import hashlib
 
     digest = hashlib.sha256(b"from-a-vault").hexdigest()
-    auth = ClientAuthenticator(config(client_secret_sha256=digest))
+    auth = authenticator(config(client_secret_sha256=digest))
     good = presented_credentials(basic("hashed", "from-a-vault", form_encoded=True), {})
     assert (await auth.authenticate(good, now=NOW)).client_id == "hashed"
 
@@ -266,7 +281,7 @@ def test_inline_jwks_without_usable_key_is_config_error() -> None:
 
     clients["signer"] = replace(clients["signer"], jwks={"keys": [private]})
     with pytest.raises(ConfigError, match=r"clients\[signer\]\.jwks"):
-        ClientAuthenticator(replace(document_config, clients=clients))
+        authenticator(replace(document_config, clients=clients))
 
 
 def test_replay_cache_forgets_expired_and_refuses_when_full() -> None:

@@ -14,8 +14,9 @@ import yaml
 from jwcrypto import jwk as jwc_jwk
 
 from exchange.config import ExchangeConfig, load_exchange_config
-from exchange.configload import ConfigError
-from exchange.keys import KeyRing, load_private_key, signing_key
+from exchange.keys import signing_key
+from exchange.server.keyfiles import KeyFiles, load_keyring, load_private_key
+from runtime.configload import ConfigError
 
 VALID: dict[str, Any] = {
     "issuer": "http://127.0.0.1:8081",
@@ -149,7 +150,7 @@ def test_all_errors_reported_at_once(tmp_path: Path) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "zonegate.cli", *args], capture_output=True, text=True, timeout=60
     )
 
 
@@ -210,22 +211,23 @@ def test_keyring_publishes_next_key_and_reloads(tmp_path: Path) -> None:
     document["clients"][0]["client_secret"] = "s"
     document["zones"]["red"]["signing_key_file"] = "cur.pem"
     document["zones"]["red"]["next_signing_key_file"] = "next.pem"
-    ring = KeyRing(load(tmp_path, document))
+    files = KeyFiles(load(tmp_path, document))
+    ring = files.ring
     kids = [k["kid"] for k in ring["red"].jwks()["keys"]]
     assert len(kids) == 2 and kids[0] == ring["red"].current.kid
     (tmp_path / "cur.pem").write_bytes((tmp_path / "newer.pem").read_bytes())
-    assert ring.reload() == []
+    assert files.reload() == []
     assert ring["red"].current.kid not in kids
     (tmp_path / "cur.pem").write_text("garbage")
     before = ring["red"].current.kid
-    assert ring.reload() and ring["red"].current.kid == before  # bad file: old key kept
+    assert files.reload() and ring["red"].current.kid == before  # bad file: old key kept
 
 
 def test_short_rsa_zone_key_is_a_config_error(tmp_path: Path) -> None:
     """A zone key of fewer than 2048 RSA bits is refused at start, naming the YAML path."""
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from exchange.keys import write_private_key
+    from exchange.server.keyfiles import write_private_key
 
     write_private_key(
         rsa.generate_private_key(public_exponent=65537, key_size=1024), tmp_path / "weak.pem"
@@ -234,7 +236,7 @@ def test_short_rsa_zone_key_is_a_config_error(tmp_path: Path) -> None:
     document["clients"][0]["client_secret"] = "s"
     document["zones"]["red"]["signing_key_file"] = "weak.pem"
     with pytest.raises(ConfigError) as raised:
-        KeyRing(load(tmp_path, document))
+        load_keyring(load(tmp_path, document))
     assert raised.value.errors == [
         "zones.red.signing_key_file: RSA keys must have at least 2048 bits, got 1024"
     ]
@@ -242,14 +244,15 @@ def test_short_rsa_zone_key_is_a_config_error(tmp_path: Path) -> None:
 
 def test_signing_alg_that_does_not_fit_the_key_is_refused(tmp_path: Path) -> None:
     """signing_alg RS256 on an EC key is an error, not silently replaced by ES256."""
-    from exchange.keys import generate_private_key, write_private_key
+    from exchange.keys import generate_private_key
+    from exchange.server.keyfiles import write_private_key
 
     write_private_key(generate_private_key("ES256"), tmp_path / "ec.pem")
     document = json.loads(json.dumps(VALID))
     document["clients"][0]["client_secret"] = "s"
     document["zones"]["red"].update(signing_key_file="ec.pem", signing_alg="RS256")
     with pytest.raises(ConfigError, match="signing_alg RS256 does not fit this ES256 key"):
-        KeyRing(load(tmp_path, document))
+        load_keyring(load(tmp_path, document))
 
 
 def test_non_utf8_config_is_a_clear_error(tmp_path: Path) -> None:

@@ -14,12 +14,13 @@ import pytest
 import yaml
 from referencing import Registry, Resource
 
-import exchange.configload as configload
+import runtime.configload as configload
 from exchange.config import parse_exchange_config
-from exchange.configload import ConfigError
-from exchange.keys import generate_private_key, write_private_key
-from sidecar.cli import main as zonegate
+from exchange.keys import generate_private_key
+from exchange.server.keyfiles import write_private_key
+from runtime.configload import ConfigError
 from sidecar.config import parse_sidecar_config
+from zonegate.cli import main as zonegate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS: dict[str, dict[str, Any]] = {

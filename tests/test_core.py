@@ -11,8 +11,8 @@ import pytest
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jwt as jwc_jwt
 
+from devkit.provider import DevOpenIDProvider
 from exchange.core import ExchangeCore
-from exchange.devop import DevOpenIDProvider
 from exchange.errors import (
     InvalidClient,
     InvalidRequest,
@@ -21,6 +21,7 @@ from exchange.errors import (
     TemporarilyUnavailable,
     UnauthorizedClient,
 )
+from exchange.server.wiring import build_core
 from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, TokenExchangeRequest
 from tests.conftest import exchange_config
 
@@ -281,7 +282,7 @@ async def test_issuer_unreachable_with_nothing_cached_is_temporarily_unavailable
 ) -> None:
     """No keys could ever be fetched: 503 temporarily_unavailable, not the user's fault."""
     op.available = False
-    core = ExchangeCore(exchange_config(op))
+    core = build_core(exchange_config(op))
     try:
         with pytest.raises(TemporarilyUnavailable) as raised:
             await core.exchange(request(op.mint()), client="shop-frontend")
@@ -293,7 +294,7 @@ async def test_issuer_unreachable_with_nothing_cached_is_temporarily_unavailable
 async def test_random_kid_flood_is_rate_limited(op: DevOpenIDProvider) -> None:
     """100 tokens with random unknown kids cause at most one JWKS refetch per min_refresh."""
     config = exchange_config(op, jwks_min_refresh=60)
-    core = ExchangeCore(config)
+    core = build_core(config)
     try:
         await core.exchange(request(op.mint()), client="shop-frontend")
         before = op.jwks_fetches

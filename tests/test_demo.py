@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exchange.devop import DevOpenIDProvider
+from devkit.provider import DevOpenIDProvider
 from tests.conftest import exchange_document
 
 
@@ -20,7 +20,7 @@ async def zonegate(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar.cli",
+        "zonegate.cli",
         *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

@@ -24,9 +24,9 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
+from devkit.provider import DevOpenIDProvider
 from exchange.config import parse_exchange_config
-from exchange.devop import DevOpenIDProvider
-from exchange.server import create_app
+from exchange.server.app import create_app
 from exchange.tokens import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN
 from sidecar.app import build_sidecar
 from sidecar.config import parse_sidecar_config
@@ -63,7 +63,7 @@ class Program:
     async def start(self) -> dict[str, str]:
         """Start, and return {listener name: URL} once every listener said where it listens."""
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar.cli", *self.args,
+            sys.executable, "-m", "zonegate.cli", *self.args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.process.stdout is not None and self.process.stderr is not None

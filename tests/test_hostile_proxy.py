@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exchange.devop import DevOpenIDProvider
+from devkit.provider import DevOpenIDProvider
 from sidecar.app import build_sidecar
 from sidecar.config import parse_sidecar_config
 from tests.conftest import ServerFactory, exchange_document

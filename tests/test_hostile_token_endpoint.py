@@ -29,10 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devkit.provider import DevOpenIDProvider
 from exchange.config import parse_exchange_config
-from exchange.devop import DevOpenIDProvider
 from exchange.keys import generate_private_key, signing_key
-from exchange.server import create_app
+from exchange.server.app import create_app
 from exchange.tokens import (
     CLIENT_ASSERTION_TYPE_JWT_BEARER,
     GRANT_TYPE_TOKEN_EXCHANGE,

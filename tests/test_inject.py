@@ -22,11 +22,12 @@ import pytest
 import trustme
 import yaml
 
-from exchange.logsetup import JsonFormatter
-from sidecar import cli
-from sidecar.inject import answer_review, pointer
-from sidecar.injectconfig import InjectorConfig, parse_injector_config
-from sidecar.injector import ReloadingTls, make_app
+from injector.config import InjectorConfig, parse_injector_config
+from injector.review import answer_review, pointer
+from injector.server import make_app
+from runtime.logsetup import JsonFormatter
+from runtime.tls import ReloadingTls
+from zonegate import cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "admission"
 K8S_VERSIONS = ("1.29", "1.33")
@@ -462,7 +463,7 @@ async def test_injector_program_serves_tls_and_stops_on_sigterm(tmp_path: Path) 
         )
     )
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar.cli", "injector", "--config", str(config_file),
+        sys.executable, "-m", "zonegate.cli", "injector", "--config", str(config_file),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

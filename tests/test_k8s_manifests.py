@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from exchange.config import parse_exchange_config
+from injector.config import InjectorConfig, parse_injector_config
+from injector.review import answer_review
 from sidecar.config import parse_sidecar_config
-from sidecar.inject import answer_review
-from sidecar.injectconfig import InjectorConfig, parse_injector_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -159,7 +159,7 @@ def test_custom_resource_schemas_reject_mistakes(
 
 
 def test_webhook_configuration_is_as_designed(rendered: dict[str, Docs]) -> None:
-    """The MutatingWebhookConfiguration carries the settings DESIGN.md pins."""
+    """The MutatingWebhookConfiguration carries the documented settings."""
     webhook = find(rendered["injector"], "MutatingWebhookConfiguration")["webhooks"][0]
     assert webhook["admissionReviewVersions"] == ["v1"]
     assert webhook["sideEffects"] == "None"
@@ -420,7 +420,7 @@ def test_dashboard_queries_parse_as_promql(rendered: dict[str, Docs], tmp_path: 
 
 
 def test_rules_and_dashboard_use_only_pinned_metric_names(rendered: dict[str, Docs]) -> None:
-    """Alerts and panels query the metric names DESIGN.md pins, nothing misspelt."""
+    """Alerts and panels query the documented metric names, nothing misspelt."""
     text = json.dumps(rule_groups(rendered)) + json.dumps(dashboard(rendered))
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"zonegate_[a-z_]+", text)}
     assert used <= PINNED_METRICS, used - PINNED_METRICS

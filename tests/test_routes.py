@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from exchange.configload import ConfigError
+from runtime.configload import ConfigError
 from sidecar.config import parse_sidecar_config
 from sidecar.routes import BadPath, RouteTable, normalise_path
 

@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from exchange.devop import DevOpenIDProvider
+from devkit.provider import DevOpenIDProvider
 from exchange.keys import generate_private_key, private_key_pem, signing_key
-from exchange.metrics import ExchangeMetrics
+from exchange.server.metrics import ExchangeMetrics
 from tests.conftest import ServerFactory
 from tests.logchecks import SCAN, SecretScan, private_members
 

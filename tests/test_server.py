@@ -23,16 +23,17 @@ import pytest
 import yaml
 from aiohttp import web
 
+from devkit.provider import DevOpenIDProvider
 from exchange.config import parse_exchange_config
-from exchange.devop import DevOpenIDProvider
-from exchange.keys import SigningKey, generate_private_key, signing_key, write_private_key
-from exchange.logsetup import JsonFormatter
-from exchange.server import RUNTIME, Runtime, create_app
+from exchange.keys import SigningKey, generate_private_key, signing_key
+from exchange.server.app import RUNTIME, Runtime, create_app
+from exchange.server.keyfiles import write_private_key
 from exchange.tokens import (
     CLIENT_ASSERTION_TYPE_JWT_BEARER,
     GRANT_TYPE_TOKEN_EXCHANGE,
     TOKEN_TYPE_ACCESS_TOKEN,
 )
+from runtime.logsetup import JsonFormatter
 from tests.conftest import exchange_document
 from tests.logchecks import recording
 

@@ -27,7 +27,7 @@ from google.oauth2.utils import ClientAuthentication, ClientAuthType
 from jwcrypto import jwk as jwc_jwk
 from jwcrypto import jwt as jwc_jwt
 
-from exchange.devop import DevOpenIDProvider
+from devkit.provider import DevOpenIDProvider
 from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN
 from tests.test_server import (  # noqa: F401
     WEIRD_ID,
@@ -148,7 +148,7 @@ async def test_metrics_pass_promtool(exchange: Exchange) -> None:
 def zonegate_command() -> list[str]:
     """The installed console script, or the same entry point through the interpreter."""
     script = Path(sys.executable).parent / "zonegate"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "sidecar.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "zonegate.cli"]
 
 
 async def read_listening_url(process: asyncio.subprocess.Process) -> str:

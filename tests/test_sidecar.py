@@ -33,8 +33,10 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
+from devkit.provider import DevOpenIDProvider
 from exchange.core import ExchangeCore
-from exchange.devop import DevOpenIDProvider
+from exchange.server.fetcher import HttpFetcher
+from exchange.server.wiring import build_core
 from exchange.tokens import TokenExchangeRequest, TokenResponse
 from sidecar.app import SIDECAR, Sidecar, build_sidecar
 from sidecar.config import EmbeddedExchange, SidecarConfig, parse_sidecar_config
@@ -220,7 +222,14 @@ def counted_exchangers(config: SidecarConfig) -> dict[str, Exchanger]:
     """The config's embedded exchanger around a counted core."""
     settings = config.exchange
     assert isinstance(settings, EmbeddedExchange)
-    exchanger = EmbeddedExchanger(settings, core=CountedCore(settings.core))
+    base = build_core(settings.core, keys=settings.keys)
+    core = CountedCore(
+        settings.core,
+        keys=base.keys,
+        fetcher=HttpFetcher(settings.core.fetch_timeout),
+        clock=time.time,
+    )
+    exchanger = EmbeddedExchanger(settings, core=core)
     return {settings.identity: exchanger}
 
 

@@ -15,9 +15,10 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from devkit.provider import DevOpenIDProvider
 from exchange.config import parse_exchange_config
-from exchange.devop import DevOpenIDProvider
 from exchange.errors import (
+    EndpointUnavailable,
     ExchangeError,
     InvalidClient,
     InvalidRequest,
@@ -27,15 +28,16 @@ from exchange.errors import (
     TemporarilyUnavailable,
     UnauthorizedClient,
 )
-from exchange.keys import generate_private_key, signing_key, write_private_key
-from exchange.server import create_app
-from sidecar import cli
+from exchange.keys import generate_private_key, signing_key
+from exchange.server.app import create_app
+from exchange.server.keyfiles import write_private_key
+from exchange.tokens import read_token_response
 from sidecar.app import SIDECAR, Sidecar, build_sidecar
 from sidecar.config import parse_sidecar_config
-from sidecar.exchanger import read_answer
 from sidecar.proxy import exchange_refusal
-from tests.conftest import exchange_document
+from tests.conftest import NOW, exchange_document
 from tests.test_sidecar import Backend, wait_ready
+from zonegate import cli
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 SERVICE_ACCOUNT = "system:serviceaccount:shop:frontend"
@@ -341,9 +343,9 @@ async def test_not_ready_until_the_remote_exchange_is_reached(setup: Setup) -> N
 def test_token_endpoint_answers_and_the_status_the_app_sees(
     status: int, body: bytes, error: type[ExchangeError], http_status: int
 ) -> None:
-    """Each answer is rebuilt as its error, and the app sees DESIGN.md's status for it."""
+    """Each answer is rebuilt as its error, and the app sees the documented status for it."""
     with pytest.raises(ExchangeError) as raised:
-        read_answer(status, {"Retry-After": "7"}, body)
+        read_token_response(status, body, retry_after="7", now=NOW)
     assert type(raised.value) is error
     refusal = exchange_refusal(raised.value)
     assert refusal.status == http_status
@@ -353,11 +355,10 @@ def test_token_endpoint_answers_and_the_status_the_app_sees(
 
 def test_5xx_answer_is_retryable_and_temporarily_unavailable() -> None:
     """A 5xx is worth a retry; if it stays, the app sees 503 with the server's Retry-After."""
-    with pytest.raises(Exception) as raised:
-        read_answer(502, {"Retry-After": "9"}, b"bad gateway")
-    error = getattr(raised.value, "error", None)
-    assert isinstance(error, TemporarilyUnavailable)
-    assert exchange_refusal(error).headers["Retry-After"] == "9"
+    with pytest.raises(EndpointUnavailable) as raised:
+        read_token_response(502, b"bad gateway", retry_after="9", now=NOW)
+    assert isinstance(raised.value, TemporarilyUnavailable)
+    assert exchange_refusal(raised.value).headers["Retry-After"] == "9"
 
 
 @pytest.mark.parametrize("where", ["top", "route"])

@@ -7,8 +7,8 @@ from typing import Any
 import jwt
 import pytest
 
+from devkit.provider import DevOpenIDProvider
 from exchange.config import TrustedIssuer
-from exchange.devop import DevOpenIDProvider
 from exchange.errors import InvalidRequest
 from exchange.validate import peek, verify
 from tests.conftest import NOW

@@ -7,13 +7,15 @@ It knows only its zone's issuer URI and does what any OIDC resource server confi
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jwt
 from aiohttp import web
 
 from exchange.errors import ExchangeError
-from exchange.issuers import HttpFetcher, IssuerKeys
+from exchange.issuers import IssuerKeys
+from exchange.server.fetcher import HttpFetcher
 
 
 class ZoneBackend:
@@ -24,7 +26,7 @@ class ZoneBackend:
         self.issuer_uri = issuer_uri
         self.audience = audience
         self.fetcher = HttpFetcher(timeout=3.0)
-        self.keys = IssuerKeys(issuer_uri, self.fetcher, min_refresh=1.0)
+        self.keys = IssuerKeys(issuer_uri, self.fetcher, clock=time.time, min_refresh=1.0)
         self.seen: list[dict[str, Any]] = []
 
     def app(self) -> web.Application:

@@ -23,14 +23,14 @@ import aiohttp
 import jwt
 from aiohttp import web
 
+from devkit.pep import ZoneBackend
+from devkit.provider import DevOpenIDProvider
 from exchange.config import parse_exchange_config
-from exchange.devop import DevOpenIDProvider
-from exchange.logsetup import setup_logging
-from exchange.server import create_app
+from exchange.server.app import create_app
 from exchange.tokens import TokenExchangeRequest
+from runtime.logsetup import setup_logging
 from sidecar.app import SIDECAR, Sidecar, build_sidecar
 from sidecar.config import parse_sidecar_config
-from sidecar.pep import ZoneBackend
 
 # Fixed ports for the interactive demo (so the printed curl commands work); --once uses free ones.
 PORTS = {

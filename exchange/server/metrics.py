@@ -1,4 +1,4 @@
-"""Exchange-server metrics (DESIGN.md "Metrics", pinned names), in a registry of their own.
+"""Exchange-server metrics (the documented names, see docs/operations.md), in a registry of their own.
 
 Labels are bounded: configured client ids (or ``unknown``), configured zones (or ``none``),
 configured issuer URLs, and RFC error codes. Never a token, never a presented value.

@@ -1,4 +1,4 @@
-"""``zonegate``: one command for every program and tool (DESIGN.md "CLI")."""
+"""``zonegate``: one command for every program and tool."""
 
 from __future__ import annotations
 
@@ -6,28 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from exchange.configload import ConfigError, load_yaml
-
-EXIT_CONFIG = 2
+from runtime.configload import load_yaml
+from runtime.program import add_program_arguments, guarded
+from zonegate.kinds import config_kind
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zonegate`` console script."""
     args = _parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except ConfigError as e:
-        print(f"zonegate: invalid configuration ({len(e.errors)} problem(s)):", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return 130
-    except OSError as e:  # e.g. the listen address is taken
-        print(f"zonegate: {e.strerror or e}", file=sys.stderr)
-        return 1
+    return guarded(lambda: int(args.run(args)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,13 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         ("injector", _run_injector, "run the Kubernetes mutating admission webhook (TLS)"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", required=True, type=Path, help="YAML config file")
-        p.add_argument(
-            "--log-level",
-            default="INFO",
-            type=str.upper,
-            choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        )
+        add_program_arguments(p)
         p.set_defaults(run=run)
 
     demo = sub.add_parser("demo", help="everything on 127.0.0.1 in one process")
@@ -88,37 +70,27 @@ def _run_sidecar(args: argparse.Namespace) -> int:
 
 
 def _run_exchange(args: argparse.Namespace) -> int:
-    from exchange.server import main as server_main
+    from exchange.server.app import main as server_main
 
     return server_main(args.config, log_level=args.log_level)
 
 
 def _run_injector(args: argparse.Namespace) -> int:
-    from sidecar.injector import main as injector_main
+    from injector.server import main as injector_main
 
     return injector_main(args.config, log_level=args.log_level)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import main as demo_main
+    from devkit.demo import main as demo_main
 
     return demo_main(once=args.once, remote=args.remote)
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from sidecar.explain import main as explain_main
+    from zonegate.explain import main as explain_main
 
     return explain_main(args)
-
-
-def config_kind(document: Any) -> str:
-    """Which program a config document is for: sidecar (routes), injector (image), exchange."""
-    if isinstance(document, dict):
-        if "routes" in document:
-            return "sidecar"
-        if "image" in document:
-            return "injector"
-    return "exchange"
 
 
 def _run_check(args: argparse.Namespace) -> int:
@@ -129,20 +101,21 @@ def _run_check(args: argparse.Namespace) -> int:
 
         load_sidecar_config(path)
     elif kind == "injector":
-        from sidecar.injectconfig import load_injector_config
+        from injector.config import load_injector_config
 
         load_injector_config(path)
     else:
         from exchange.config import load_exchange_config
-        from exchange.keys import KeyRing
+        from exchange.server.keyfiles import load_keyring
 
-        KeyRing(load_exchange_config(path))
+        load_keyring(load_exchange_config(path))
     print(f"{path}: valid {kind} config")
     return 0
 
 
 def _run_keys_generate(args: argparse.Namespace) -> int:
-    from exchange.keys import generate_private_key, signing_key, write_private_key
+    from exchange.keys import generate_private_key, signing_key
+    from exchange.server.keyfiles import write_private_key
 
     out: Path = args.out
     if out.exists() and not args.force:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
-from exchange.configload import ConfigError
-from sidecar.inject import (
+from injector.config import (
+    MAX_REVIEW_BYTES,
+    InjectorConfig,
+    load_injector_config,
+    parse_injector_config,
+)
+from injector.review import (
     Decision,
     InvalidReview,
     Review,
@@ -24,57 +27,9 @@ from sidecar.inject import (
     pod_patch,
     pointer,
 )
-from sidecar.injectconfig import (
-    MAX_REVIEW_BYTES,
-    InjectorConfig,
-    load_injector_config,
-    parse_injector_config,
-)
+from runtime.tls import ReloadingTls
 
 log = logging.getLogger("zonegate.injector")
-
-# --- TLS with reload -------------------------------------------------------------------------
-
-
-class ReloadingTls:
-    """A server SSLContext whose certificate and key follow their files."""
-
-    def __init__(self, cert_file: Path, key_file: Path) -> None:
-        self.cert_file, self.key_file = cert_file, key_file
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._stamp: tuple[int, ...] | None = None
-        try:
-            self.reload()
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(
-                [f"tls_cert_file/tls_key_file: cannot load {cert_file} and {key_file}: {e}"]
-            ) from e
-
-    def _current_stamp(self) -> tuple[int, ...]:
-        stats = (os.stat(self.cert_file), os.stat(self.key_file))
-        return tuple(n for s in stats for n in (s.st_ino, s.st_mtime_ns, s.st_size))
-
-    def reload(self) -> bool:
-        """Load the files when they changed; True when a new certificate is in use."""
-        stamp = self._current_stamp()
-        if stamp == self._stamp:
-            return False
-        # Check the pair on a scratch context first: a half-rotated pair must not break the
-        # live one, whose certificate would otherwise no longer match its key.
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
-        self.context.load_cert_chain(self.cert_file, self.key_file)
-        self._stamp = stamp
-        return True
-
-    def try_reload(self) -> None:
-        """Reload, logging instead of raising: the old certificate keeps serving meanwhile."""
-        try:
-            if self.reload():
-                log.info("webhook certificate loaded", extra={"cert_file": str(self.cert_file)})
-        except (OSError, ssl.SSLError) as e:
-            log.warning("webhook certificate not reloaded, keeping the old one: %s", e)
-
 
 # --- HTTP ------------------------------------------------------------------------------------
 
@@ -156,8 +111,8 @@ async def _watch_tls(app: web.Application) -> AsyncIterator[None]:
 
 def main(config_path: Path, *, log_level: str) -> int:
     """``zonegate injector --config F``: serve the webhook over TLS until SIGTERM."""
-    from exchange.logsetup import setup_logging
-    from exchange.serving import Listener, run, serve
+    from runtime.logsetup import setup_logging
+    from runtime.serving import Listener, run, serve
 
     setup_logging(log_level)
     config = load_injector_config(config_path)

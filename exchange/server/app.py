@@ -1,6 +1,6 @@
 """The standalone exchange server (``zonegate exchange``): an aiohttp adapter around the core.
 
-Endpoints (DESIGN.md "Exchange server endpoints"): ``POST /token`` (RFC 8693), server metadata
+Endpoints: ``POST /token`` (RFC 8693), server metadata
 (RFC 8414), zone issuer documents, ``/healthz``, ``/readyz``, ``/metrics``.
 
 ``error_response`` is the one place where an ``ExchangeError`` becomes an HTTP response.
@@ -25,16 +25,18 @@ from aiohttp import hdrs, web
 from exchange import policy
 from exchange.clientauth import ClientAuthenticator, presented_credentials
 from exchange.config import ClientConfig, ExchangeConfig, load_exchange_config
-from exchange.configload import ConfigError
 from exchange.core import ExchangeCore, subject_hash
 from exchange.errors import ExchangeError, InvalidRequest
-from exchange.httpdocs import zone_routes
-from exchange.issuers import HttpFetcher
-from exchange.logsetup import quiet_parse_errors, setup_logging
-from exchange.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
 from exchange.ratelimit import RateLimiter
-from exchange.serving import Listener, run, serve
+from exchange.server.documents import zone_routes
+from exchange.server.fetcher import HttpFetcher
+from exchange.server.keyfiles import KeyFiles
+from exchange.server.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
+from exchange.server.wiring import build_core
 from exchange.tokens import TokenExchangeRequest, TokenResponse, parse_token_request
+from runtime.configload import ConfigError
+from runtime.logsetup import quiet_parse_errors, setup_logging
+from runtime.serving import Listener, run, serve
 
 log = logging.getLogger("zonegate.exchange")
 access_log = logging.getLogger("zonegate.access")
@@ -79,31 +81,39 @@ def token_response(response: TokenResponse) -> web.Response:
 
 @dataclass(slots=True)
 class Service:
-    """The core, client authentication and rate limits of one config generation."""
+    """The core, client authentication, rate limits and key files of one config generation."""
 
     core: ExchangeCore
     auth: ClientAuthenticator
     limiter: RateLimiter
-    shares_fetcher: bool  # the core fetches with the app's fetcher: its held keys may be adopted
+    key_files: KeyFiles
 
     @classmethod
     def build(
         cls,
-        core: ExchangeCore,
+        config: ExchangeConfig,
         fetcher: HttpFetcher,
         metrics: ExchangeMetrics,
         previous: Service | None = None,
-        *,
-        shares_fetcher: bool = True,
     ) -> Service:
-        config = core.config
-        if previous is not None and previous.shares_fetcher:
+        """Load the zone keys and build everything the handlers use; ConfigError on bad keys."""
+        key_files = KeyFiles(config)
+        core = build_core(
+            config, keys=key_files.ring, fetcher=fetcher, observe_fetch=metrics.observe_fetch
+        )
+        if previous is not None:
             adopt_issuer_keys(core, previous.core)
         return cls(
             core=core,
-            auth=ClientAuthenticator(config, fetch=fetcher, observe=metrics.observe_fetch),
-            limiter=RateLimiter(config.clients, previous=previous.limiter if previous else None),
-            shares_fetcher=shares_fetcher,
+            auth=ClientAuthenticator(
+                config, fetch=fetcher, clock=time.time, observe=metrics.observe_fetch
+            ),
+            limiter=RateLimiter(
+                config.clients,
+                previous=previous.limiter if previous else None,
+                clock=time.monotonic,
+            ),
+            key_files=key_files,
         )
 
     def zone_of(self, request: TokenExchangeRequest, client: ClientConfig) -> str:
@@ -145,7 +155,6 @@ class Runtime:
     fetcher: HttpFetcher
     config_path: Path | None = None
     ready: bool = False
-    owned_core: ExchangeCore | None = None  # closed with the app
 
     async def reload(self) -> bool:
         """SIGHUP: re-read config and keys; an invalid config is refused and the old one serves."""
@@ -153,8 +162,7 @@ class Runtime:
             return self.check_keys()
         try:
             config = load_exchange_config(self.config_path)
-            core = self.new_core(config)
-            service = Service.build(core, self.fetcher, self.metrics, self.service)
+            service = Service.build(config, self.fetcher, self.metrics, self.service)
         except ConfigError as e:
             log.error(
                 "config reload refused; the previous config keeps serving",
@@ -163,17 +171,14 @@ class Runtime:
             return False
         if config.listen != self.service.core.config.listen:
             log.warning("listen changed in config: takes effect on restart only")
-        await _warm(core)
+        await _warm(service.core)
         self.service = service  # requests in flight finish with the generation they began with
         log.info("config reloaded", extra={"config": str(self.config_path)})
         return True
 
-    def new_core(self, config: ExchangeConfig) -> ExchangeCore:
-        return ExchangeCore(config, fetcher=self.fetcher, observe_fetch=self.metrics.observe_fetch)
-
     def check_keys(self) -> bool:
         """Re-read zone key files that changed; errors keep the old keys and are logged."""
-        errors = self.service.core.keys.reload()
+        errors = self.service.key_files.reload()
         for error in errors:
             log.error("zone key reload failed; previous keys kept", extra={"error": error})
         return not errors
@@ -185,10 +190,8 @@ class Runtime:
             self.check_keys()
 
     async def close(self) -> None:
-        """Release the HTTP sessions: the shared fetcher's, and an owned core's."""
+        """Release the shared fetcher's HTTP session."""
         await self.fetcher.close()
-        if self.owned_core is not None:
-            await self.owned_core.close()
 
 
 RUNTIME = web.AppKey("zonegate.exchange.runtime", Runtime)
@@ -273,7 +276,7 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     exchange_request = parse_token_request(form)
     outcome.subject = subject_hash(exchange_request.subject_token)
     presented = presented_credentials(authorization(request), form)
-    client = await service.auth.authenticate(presented)
+    client = await service.auth.authenticate(presented, now=time.time())
     outcome.client = client.client_id
     CLIENT_ID.set(client.client_id)
     outcome.zone = service.zone_of(exchange_request, client)
@@ -391,28 +394,20 @@ def _allow(e: web.HTTPException) -> dict[str, str]:
 # -- the app -------------------------------------------------------------------------------------
 
 
-def build_app(
-    core: ExchangeCore,
+def create_app(
+    config: ExchangeConfig,
     *,
-    metrics: ExchangeMetrics | None = None,
-    fetcher: HttpFetcher | None = None,
     config_path: Path | None = None,
     key_check_interval: float = KEY_CHECK_INTERVAL,
-    owns_core: bool = False,
 ) -> web.Application:
-    """The exchange server's app around ``core``.
+    """The exchange server's app for ``config``: zone keys loaded, fetcher and metrics wired.
 
-    ``metrics``: the one whose ``observe_fetch`` the core was built with, so JWKS fetches are
-    counted. ``fetcher``: the one the core was built with, shared by client authentication and
-    reloaded cores (then keys held survive a reload); None: the app makes its own.
     ``config_path``: reload (SIGHUP) re-reads it; without it, reload re-reads zone key files only.
-    ``owns_core``: close the core on cleanup. ``create_app`` wires all of this from a config.
     """
     quiet_parse_errors()  # no request bytes (tokens) or tracebacks in logs, embedded or not
-    metrics = metrics or ExchangeMetrics()
-    shared = fetcher or HttpFetcher(core.config.fetch_timeout)
-    service = Service.build(core, shared, metrics, shares_fetcher=fetcher is not None)
-    runtime = Runtime(service, metrics, shared, config_path, owned_core=core if owns_core else None)
+    metrics = ExchangeMetrics()
+    fetcher = HttpFetcher(config.fetch_timeout)
+    runtime = Runtime(Service.build(config, fetcher, metrics), metrics, fetcher, config_path)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[log_requests, json_errors])
     app[RUNTIME] = runtime
     app.router.add_post("/token", token)
@@ -424,26 +419,6 @@ def build_app(
     app.router.add_get("/metrics", prometheus_metrics)
     app.cleanup_ctx.append(_lifecycle(key_check_interval))
     return app
-
-
-def create_app(
-    config: ExchangeConfig,
-    *,
-    config_path: Path | None = None,
-    key_check_interval: float = KEY_CHECK_INTERVAL,
-) -> web.Application:
-    """Build the core from ``config`` with metrics and fetcher wired in, and the app owning it."""
-    exported = ExchangeMetrics()
-    fetcher = HttpFetcher(config.fetch_timeout)
-    core = ExchangeCore(config, fetcher=fetcher, observe_fetch=exported.observe_fetch)
-    return build_app(
-        core,
-        metrics=exported,
-        fetcher=fetcher,
-        config_path=config_path,
-        key_check_interval=key_check_interval,
-        owns_core=True,
-    )
 
 
 def _lifecycle(interval: float) -> Callable[[web.Application], AsyncIterator[None]]:

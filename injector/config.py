@@ -1,6 +1,6 @@
 """The injector's config (``zonegate injector``) and the names it shares with the API server.
 
-Read with ``exchange.configload.Node``, so every error names its YAML path.
+Read with ``runtime.configload.Node``, so every error names its YAML path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exchange.configload import Node, load_yaml, parse_listen, read_document
+from runtime.configload import Node, load_yaml, parse_listen, read_document
 
 INJECT_LABEL = "zonegate.io/inject"
 CONFIG_ANNOTATION = "zonegate.io/config"

@@ -3,10 +3,10 @@
 The decision is pure: ``answer_review(body, config)`` turns the bytes of an AdmissionReview v1
 into the AdmissionReview to send back (a JSONPatch, or a refusal whose message names the
 cause) and raises ``InvalidReview`` for a request that is not an AdmissionReview at all. The
-I/O edge (``sidecar.injector``) is an aiohttp app on ``POST /mutate`` served over TLS; the certificate and key are
+I/O edge (``injector.server``) is an aiohttp app on ``POST /mutate`` served over TLS; the certificate and key are
 reloaded when their files change (cert-manager renews them in place) and on SIGHUP.
 
-DESIGN.md "Kubernetes" pins the contract: label ``zonegate.io/inject: "true"`` opts in, the
+The contract (docs/kubernetes.md): label ``zonegate.io/inject: "true"`` opts in, the
 annotation ``zonegate.io/config`` names the ConfigMap, ``zonegate.io/status: injected`` marks
 the pod, and the sidecar is a native sidecar (an init container with ``restartPolicy: Always``).
 """
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.injectconfig import (
+from injector.config import (
     CONFIG_ANNOTATION,
     CONFIG_VOLUME,
     DNS_SUBDOMAIN,

@@ -13,13 +13,14 @@ from typing import TextIO
 
 from exchange import mint
 from exchange.config import ExchangeConfig, load_exchange_config
-from exchange.configload import load_yaml
 from exchange.core import ExchangeCore, Trace, subject_hash
 from exchange.errors import ExchangeError
+from exchange.server.wiring import build_core
 from exchange.tokens import TokenExchangeRequest, parse_scope
 from exchange.validate import peek
-from sidecar.cli import config_kind
+from runtime.configload import load_yaml
 from sidecar.config import EmbeddedExchange, load_sidecar_config
+from zonegate.kinds import config_kind
 
 
 def read_token(value: str) -> str:
@@ -58,7 +59,7 @@ async def explain(
     config: ExchangeConfig, request: TokenExchangeRequest, client_ids: list[str], out: TextIO
 ) -> int:
     """Print the decision for ``request`` per client; 0 when a token would be issued to one."""
-    core = ExchangeCore(config)
+    core = build_core(config)
     size = len(request.subject_token)
     out.write(f"subject token sha256:{subject_hash(request.subject_token)} ({size} bytes)\n")
     _describe_unverified(request.subject_token, out, config.max_token_size)

@@ -1,0 +1,1 @@
+"""The development kit: the demo, a dev OpenID Provider and zone backends (PEPs)."""

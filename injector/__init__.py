@@ -1,0 +1,1 @@
+"""The Kubernetes mutating admission webhook that injects the zonegate sidecar."""

@@ -1,0 +1,1 @@
+"""What every zonegate program shares: config loading, serving, logging, retries, file watching."""

@@ -1,0 +1,1 @@
+"""The ``zonegate`` command: every program and tool behind one CLI."""
