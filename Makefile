@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest install tools bench clean
+.PHONY: demo test lint typecheck layers pytest install tools bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The package layers: who may import whom, no cycles, a pure core (docs/architecture.md).
+layers: install
+	$(BIN)/python -m tools.layers
+
 pytest: install tools
 	$(BIN)/pytest -q -p no:cacheprovider
 
-test: lint typecheck pytest
+test: lint typecheck layers pytest
 
 bench: install tools
 	$(BIN)/python -m bench

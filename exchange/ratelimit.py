@@ -7,7 +7,6 @@ often") with ``Retry-After``: the whole seconds until the bucket holds a token a
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -41,8 +40,8 @@ class RateLimiter:
         self,
         clients: Mapping[str, ClientConfig],
         *,
+        clock: Callable[[], float],
         previous: RateLimiter | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         now = clock()

@@ -1,0 +1,1 @@
+"""Developer tools run by ``make test`` (not part of the installed product)."""
