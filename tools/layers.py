@@ -73,11 +73,12 @@ def imports(name: str, path: Path, known: set[str]) -> Iterator[Edge]:
     """The imports of one module that name a module of ours (function-level ones too)."""
     tree = ast.parse(path.read_text(), str(path))
     for node in ast.walk(tree):
-        targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
         for target in targets:
             if target in known:
                 yield Edge(name, target, node.lineno)
