@@ -3,7 +3,7 @@
 ``python -m bench.bareproxy UPSTREAM_URL`` forwards every request to the upstream the way an
 idiomatic aiohttp proxy does, with the sidecar's own building blocks: its upstream session
 (``sidecar.app.upstream_session``) and server settings (``sidecar.app.proxy_server_args``:
-request bodies pass still encoded), hop-by-hop filtering (``sidecar.proxy.end_to_end``) and
+request bodies pass still encoded), hop-by-hop filtering (``sidecar.headers.end_to_end``) and
 chunked streaming both ways (``iter_chunked(CHUNK)`` up, ``sidecar.proxy.stream_back`` down:
 the very function the sidecar answers with). It runs on
 uvloop through ``runtime.serving``, as the sidecar does. What the sidecar costs beyond this is
@@ -22,7 +22,8 @@ from yarl import URL
 from runtime.serving import Listener, run, serve
 from sidecar.app import proxy_server_args, upstream_session
 from sidecar.config import SidecarConfig
-from sidecar.proxy import CHUNK, end_to_end, stream_back
+from sidecar.headers import end_to_end
+from sidecar.proxy import CHUNK, stream_back
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 

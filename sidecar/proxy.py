@@ -1,230 +1,50 @@
-"""The proxy: route, exchange, rewrite headers, stream both ways. HTTP errors made in one place.
+"""The proxy: route, exchange, rewrite headers, stream both ways.
 
 Each request goes: CONNECT refused -> route matched (origin-form: Host header + path; absolute-form,
 i.e. the app uses us as ``HTTP_PROXY``: the target's authority + path) -> the subject token taken
-from ``Authorization`` and exchanged (through the cache) -> headers rewritten -> the body streamed
-to the upstream and the answer streamed back. The original token never leaves.
-
-Headers dropped on the way up (documented in docs/sidecar.md):
-
-* hop-by-hop (RFC 9110 §7.6.1) and every header named in ``Connection``;
-* ``Authorization`` (replaced, last, by the zone token) and ``Expect`` (handled here);
-* identity headers an app (or an attacker inside it) could spoof to a backend that trusts an
-  auth proxy in front of it: see ``SPOOFABLE_IDENTITY`` and ``SPOOFABLE_IDENTITY_PREFIXES``,
-  matched with ``_`` read as ``-``;
-* any header whose value holds the subject token (``drop_copies``).
+from ``Authorization`` and exchanged (through the cache) -> headers rewritten (``headers``) ->
+the body streamed to the upstream and the answer streamed back. The original token never leaves.
+Every answer the proxy gives itself comes from ``refusals``; WebSockets relay in ``websocket``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
-from exchange.errors import (
-    ExchangeError,
-    InvalidRequest,
-    InvalidScope,
-    InvalidTarget,
-    SlowDown,
-    TemporarilyUnavailable,
-    UnauthorizedClient,
-)
+from exchange.errors import ExchangeError
 from exchange.tokens import TokenExchangeRequest, TokenResponse
 from exchange.validate import unverified_claims
 from sidecar.cache import CacheKey, Issued, TokenCache
 from sidecar.config import Route, SidecarConfig
 from sidecar.exchanger import Exchanger
+from sidecar.headers import (
+    WEBSOCKET_HANDSHAKE,
+    Hop,
+    bearer_token,
+    drop_copies,
+    end_to_end,
+    upstream_headers,
+    with_authorization,
+)
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
+from sidecar.refusals import ProxyError, connect_refused, exchange_refusal, upstream_failure
 from sidecar.routes import BadPath, Match, RouteTable
+from sidecar.websocket import relay
 
 log = logging.getLogger("zonegate.sidecar")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CHUNK = 64 * 1024
-DEFAULT_RETRY_AFTER = 2
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-SPOOFABLE_IDENTITY = frozenset(
-    {
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-preferred-username",
-        "x-forwarded-groups",
-        "x-forwarded-access-token",
-        "x-forwarded-client-cert",
-        "x-remote-user",
-        "x-remote-group",
-        "x-remote-groups",
-        "remote-user",
-        "x-user",
-        "x-user-id",
-        "x-userinfo",
-        "x-id-token",
-        "x-access-token",
-        "x-jwt-assertion",
-        "x-endpoint-api-userinfo",
-        "x-goog-authenticated-user-email",
-        "x-goog-authenticated-user-id",
-        "x-goog-iap-jwt-assertion",
-        "x-webauth-user",
-        "x-authenticated-userid",
-        "cf-access-jwt-assertion",
-        "cf-access-authenticated-user-email",
-    }
-)
-SPOOFABLE_IDENTITY_PREFIXES = (
-    "x-auth-request-",
-    "x-remote-",
-    "x-ms-client-principal",
-    "x-amzn-oidc-",
-    "x-consumer-",
-    "x-pomerium-",
-    "x-ssl-client-",
-    "ssl-client-",
-)
-NOT_FORWARDED = HOP_BY_HOP | {"authorization", "expect", "host"}
-WEBSOCKET_HANDSHAKE = frozenset(
-    {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-    }
-)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-CONFIG_REFUSALS = (InvalidTarget, InvalidScope, UnauthorizedClient)
-_BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
-_QUOTED_SAFE = re.compile(r"[^\x20-\x7e]|[\"\\]")
-
-
-class ProxyError(Exception):
-    """A request the proxy answers itself, with a JSON ``{error, error_description}`` body."""
-
-    def __init__(
-        self, status: int, error: str, description: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(description)
-        self.status, self.error, self.description = status, error, description
-        self.headers = dict(headers or {})
-
-    def response(self) -> web.Response:
-        body = {"error": self.error, "error_description": self.description}
-        return web.json_response(
-            body, status=self.status, headers={**self.headers, "Cache-Control": "no-store"}
-        )
-
-
-def exchange_refusal(e: ExchangeError) -> ProxyError:
-    """docs/sidecar.md "Errors": the one mapping of exchange failures to HTTP."""
-    if isinstance(e, InvalidRequest):
-        challenge = f'Bearer error="invalid_token", error_description="{_quotable(e.description)}"'
-        return ProxyError(401, "invalid_token", e.description, {"WWW-Authenticate": challenge})
-    if isinstance(e, CONFIG_REFUSALS):
-        return ProxyError(403, e.error, e.description)
-    if isinstance(e, TemporarilyUnavailable | SlowDown):
-        retry_after = str(e.retry_after or DEFAULT_RETRY_AFTER)
-        return ProxyError(503, e.error, e.description, {"Retry-After": retry_after})
-    return ProxyError(502, e.error, f"the token exchange gave no usable answer: {e.description}")
-
-
-def _quotable(text: str) -> str:
-    return _QUOTED_SAFE.sub("", text)[:200]
-
-
-def connect_refused() -> ProxyError:
-    return ProxyError(
-        405,
-        "method_not_allowed",
-        "CONNECT opens an end-to-end tunnel the sidecar cannot see into, so it cannot put an "
-        "exchanged token into it. Send plain http:// requests (the sidecar originates TLS to "
-        "https upstreams) or call it in reverse mode.",
-        {"Allow": ", ".join(sorted(IDEMPOTENT | {"POST", "PATCH"}))},
-    )
-
-
-# -- headers -------------------------------------------------------------------------------------
-
-
-def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    """Header names listed in ``Connection`` (RFC 9110 §7.6.1): hop-by-hop too."""
-    values = headers.getall("Connection", [])
-    return {t.strip().lower() for v in values for t in v.split(",") if t.strip()}
-
-
-def is_spoofable_identity(name: str) -> bool:
-    """``_`` counts as ``-``: CGI and nginx (``underscores_in_headers``) read them as one."""
-    folded = name.lower().replace("_", "-")
-    return folded in SPOOFABLE_IDENTITY or folded.startswith(SPOOFABLE_IDENTITY_PREFIXES)
-
-
-def end_to_end(headers: CIMultiDictProxy[str], drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    """The headers a proxy passes on: hop-by-hop and ``drop`` removed, repeats kept."""
-    dropped = HOP_BY_HOP | connection_tokens(headers) | set(drop)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in dropped)
-
-
-def upstream_headers(request: web.Request, original_host: str | None) -> CIMultiDict[str]:
-    """Request headers for the upstream, without Authorization (set last by the caller)."""
-    headers = end_to_end(request.headers, NOT_FORWARDED)
-    for name in [k for k in headers if is_spoofable_identity(k)]:
-        headers.popall(name, None)
-    _append(headers, "X-Forwarded-For", request.remote or "unknown")
-    _append(headers, "X-Forwarded-Proto", request.scheme)
-    if original_host:
-        _append(headers, "X-Forwarded-Host", original_host)
-    _append(headers, "Via", f"{request.version.major}.{request.version.minor} zonegate")
-    return headers
-
-
-def drop_copies(headers: CIMultiDict[str], subject_token: str | None) -> None:
-    """Drop every header holding the subject token: the original token is never forwarded,
-    not even where the app copied it (a warning names the header, never its value)."""
-    if subject_token is None:
-        return
-    for name in {k.lower(): k for k, v in headers.items() if subject_token in v}.values():
-        headers.popall(name, None)
-        log.warning("request header holding the subject token dropped", extra={"header": name})
-
-
-def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
-    existing = ", ".join(headers.popall(name, []))
-    headers[name] = f"{existing}, {value}" if existing else value
-
-
-def bearer_token(headers: CIMultiDictProxy[str]) -> str | None:
-    """The RFC 6750 §2.1 Bearer token of ``Authorization``, if it holds one."""
-    values = headers.getall("Authorization", [])
-    if len(values) != 1:
-        return None
-    m = _BEARER.match(values[0])
-    return m.group(1) if m else None
-
-
-def subject_expiry(token: str) -> float | None:
-    """The subject's ``exp``, unverified: it can only shorten how long an entry is served."""
-    exp = unverified_claims(token).get("exp")
-    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 # -- the proxy -----------------------------------------------------------------------------------
@@ -305,17 +125,30 @@ class Proxy:
         call.route = match.route.name
         subject_token = bearer_token(request.headers)
         token = await self._token_for(subject_token, match.route, call)
-        headers = upstream_headers(request, original_host)
+        headers = upstream_headers(request.headers, _hop(request, original_host))
         drop_copies(headers, subject_token)
         if _is_websocket(request):
             return await self._websocket(request, match, headers, token)
-        response = await self._send(request, match.url, headers, token)
-        if response.status == 401 and call.key is not None and _replayable(request):
-            response.release()
-            self.cache.evict(call.key)
-            token = await self._token_for(subject_token, match.route, call)
-            response = await self._send(request, match.url, headers, token)
+        response = await self._send_replaying_401(request, match, headers, token, call)
         return await stream_back(request, response)
+
+    async def _send_replaying_401(
+        self,
+        request: web.Request,
+        match: Match,
+        headers: CIMultiDict[str],
+        token: str | None,
+        call: Call,
+    ) -> aiohttp.ClientResponse:
+        """Send; an upstream 401 on an exchanged token evicts it and resends once with a fresh
+        exchange, when the request is safe to send twice (docs/sidecar.md "Upstream 401")."""
+        response = await self._send(request, match.url, headers, token)
+        if response.status != 401 or call.key is None or not _replayable(request):
+            return response
+        response.release()
+        self.cache.evict(call.key)
+        token = await self._token_for(bearer_token(request.headers), match.route, call)
+        return await self._send(request, match.url, headers, token)
 
     def _match(self, request: web.Request) -> tuple[Match, str | None]:
         raw_target = request.raw_path
@@ -365,12 +198,12 @@ class Proxy:
         """One exchange for a cache miss, measured; its zone labels the route's later failures."""
         started = time.monotonic()
         try:
-            exchanged = await _ask(exchanger, route, subject_token)
+            answer = await _ask(exchanger, route, subject_token)
         except ExchangeError as e:
             self._observe(route, None, e.error, exchanger.mode, started)
             raise
-        self._observe(route, exchanged.zone, "ok", exchanger.mode, started)
-        return Issued(exchanged.access_token, exchanged.expires_at, subject_expiry(subject_token))
+        self._observe(route, answer.zone, "ok", exchanger.mode, started)
+        return Issued(answer.access_token, answer.expires_at, subject_expiry(subject_token))
 
     def _observe(
         self, route: Route, zone: str | None, outcome: str, mode: str, started: float
@@ -394,19 +227,13 @@ class Proxy:
             return await self.session.request(
                 request.method,
                 url,
-                headers=_with_authorization(headers, token),
+                headers=with_authorization(headers, token),
                 data=request.content.iter_chunked(CHUNK) if request.body_exists else None,
                 allow_redirects=False,
                 ssl=self.upstream.ssl,
             )
-        except aiohttp.ServerDisconnectedError as e:
-            raise ProxyError(502, "bad_gateway", "upstream closed the connection") from e
-        except aiohttp.ClientConnectorError as e:
-            raise ProxyError(502, "bad_gateway", f"upstream unreachable: {e.os_error}") from e
-        except TimeoutError as e:
-            raise ProxyError(504, "gateway_timeout", "upstream did not answer in time") from e
-        except aiohttp.ClientError as e:
-            raise ProxyError(502, "bad_gateway", f"upstream failed: {type(e).__name__}") from e
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise upstream_failure(e) from e
 
     async def _websocket(
         self, request: web.Request, match: Match, headers: CIMultiDict[str], token: str | None
@@ -420,7 +247,7 @@ class Proxy:
         try:
             upstream = await self.session.ws_connect(
                 match.url,
-                headers=_with_authorization(headers, token),
+                headers=with_authorization(headers, token),
                 protocols=[p for p in protocols if p],
                 ssl=self.upstream.ssl,
             )
@@ -435,7 +262,7 @@ class Proxy:
         )
         await downstream.prepare(request)
         async with upstream:
-            await _relay(downstream, upstream)
+            await relay(downstream, upstream)
         return downstream
 
 
@@ -492,40 +319,15 @@ async def _ask(exchanger: Exchanger, route: Route, subject_token: str) -> TokenR
         raise ExchangeError(f"exchange failed: {type(e).__name__}") from e
 
 
-WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+def subject_expiry(token: str) -> float | None:
+    """The subject's ``exp``, unverified: it can only shorten how long an entry is served."""
+    exp = unverified_claims(token).get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
-async def _relay(
-    downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    """Pump messages both ways until one side closes, then close the other with its code."""
-    tasks = {
-        asyncio.ensure_future(_pump(downstream, upstream)),
-        asyncio.ensure_future(_pump(upstream, downstream)),
-    }
-    _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    await upstream.close()
-    await downstream.close()
-
-
-async def _pump(source: WebSocket, sink: WebSocket) -> None:
-    async for message in source:
-        if message.type == WSMsgType.TEXT:
-            await sink.send_str(message.data)
-        elif message.type == WSMsgType.BINARY:
-            await sink.send_bytes(message.data)
-    await sink.close(code=source.close_code or 1000)
-
-
-def _with_authorization(headers: CIMultiDict[str], token: str | None) -> CIMultiDict[str]:
-    """A copy of ``headers`` with the zone token set last (or no Authorization at all)."""
-    out = headers.copy()
-    if token is not None:
-        out["Authorization"] = f"Bearer {token}"
-    return out
+def _hop(request: web.Request, original_host: str | None) -> Hop:
+    version = f"{request.version.major}.{request.version.minor}"
+    return Hop(request.remote, request.scheme, version, original_host)
 
 
 def _is_websocket(request: web.Request) -> bool:

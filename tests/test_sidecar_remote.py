@@ -34,7 +34,7 @@ from exchange.server.keyfiles import write_private_key
 from exchange.tokens import read_token_response
 from sidecar.app import SIDECAR, Sidecar, build_sidecar
 from sidecar.config import parse_sidecar_config
-from sidecar.proxy import exchange_refusal
+from sidecar.refusals import exchange_refusal
 from tests.conftest import NOW, exchange_document
 from tests.test_sidecar import Backend, wait_ready
 from zonegate import cli

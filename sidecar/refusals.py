@@ -1,0 +1,84 @@
+"""The answers the proxy gives itself: every failure becomes a ProxyError here, once.
+
+``exchange_refusal`` maps exchange failures (docs/sidecar.md "Errors"); ``upstream_failure``
+maps what can go wrong talking to an upstream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+
+from exchange.errors import (
+    ExchangeError,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    SlowDown,
+    TemporarilyUnavailable,
+    UnauthorizedClient,
+)
+
+DEFAULT_RETRY_AFTER = 2
+CONFIG_REFUSALS = (InvalidTarget, InvalidScope, UnauthorizedClient)
+ALLOWED_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE")
+_QUOTED_SAFE = re.compile(r"[^\x20-\x7e]|[\"\\]")
+
+
+class ProxyError(Exception):
+    """A request the proxy answers itself, with a JSON ``{error, error_description}`` body."""
+
+    def __init__(
+        self, status: int, error: str, description: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(description)
+        self.status, self.error, self.description = status, error, description
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        body = {"error": self.error, "error_description": self.description}
+        return web.json_response(
+            body, status=self.status, headers={**self.headers, "Cache-Control": "no-store"}
+        )
+
+
+def exchange_refusal(e: ExchangeError) -> ProxyError:
+    """docs/sidecar.md "Errors": the one mapping of exchange failures to HTTP."""
+    if isinstance(e, InvalidRequest):
+        challenge = f'Bearer error="invalid_token", error_description="{_quotable(e.description)}"'
+        return ProxyError(401, "invalid_token", e.description, {"WWW-Authenticate": challenge})
+    if isinstance(e, CONFIG_REFUSALS):
+        return ProxyError(403, e.error, e.description)
+    if isinstance(e, TemporarilyUnavailable | SlowDown):
+        retry_after = str(e.retry_after or DEFAULT_RETRY_AFTER)
+        return ProxyError(503, e.error, e.description, {"Retry-After": retry_after})
+    return ProxyError(502, e.error, f"the token exchange gave no usable answer: {e.description}")
+
+
+def _quotable(text: str) -> str:
+    return _QUOTED_SAFE.sub("", text)[:200]
+
+
+def connect_refused() -> ProxyError:
+    return ProxyError(
+        405,
+        "method_not_allowed",
+        "CONNECT opens an end-to-end tunnel the sidecar cannot see into, so it cannot put an "
+        "exchanged token into it. Send plain http:// requests (the sidecar originates TLS to "
+        "https upstreams) or call it in reverse mode.",
+        {"Allow": ", ".join(ALLOWED_METHODS)},
+    )
+
+
+def upstream_failure(e: Exception) -> ProxyError:
+    """What the app hears when the upstream could not be reached or failed."""
+    if isinstance(e, aiohttp.ServerDisconnectedError):
+        return ProxyError(502, "bad_gateway", "upstream closed the connection")
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return ProxyError(502, "bad_gateway", f"upstream unreachable: {e.os_error}")
+    if isinstance(e, TimeoutError):
+        return ProxyError(504, "gateway_timeout", "upstream did not answer in time")
+    return ProxyError(502, "bad_gateway", f"upstream failed: {type(e).__name__}")
