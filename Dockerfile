@@ -10,8 +10,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # Only what the package needs: no tests, no local virtualenv, no keys.
 COPY pyproject.toml README.md ./
+COPY runtime ./runtime
 COPY exchange ./exchange
 COPY sidecar ./sidecar
+COPY injector ./injector
+COPY devkit ./devkit
+COPY zonegate ./zonegate
 RUN python -m venv /opt/zonegate \
  && /opt/zonegate/bin/pip install '.[uvloop]'
 
