@@ -34,6 +34,6 @@ RUN groupadd --system --gid 10001 zonegate \
       --shell /usr/sbin/nologin zonegate
 USER 10001:10001
 # exchange server, injector (TLS), sidecar proxy, sidecar admin (/healthz /readyz /metrics)
-EXPOSE 8081 8443 15001 15090
+EXPOSE 8081 8443 4480 4490
 ENTRYPOINT ["zonegate"]
 CMD ["--help"]

@@ -36,8 +36,8 @@ from sidecar.config import parse_sidecar_config
 PORTS = {
     "op": 18080,
     "exchange": 18081,
-    "sidecar": 15001,
-    "admin": 15090,
+    "sidecar": 4480,
+    "admin": 4490,
     "red": 19001,
     "green": 19002,
 }

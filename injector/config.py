@@ -55,8 +55,8 @@ class InjectorConfig:
     listen: tuple[str, int] = ("0.0.0.0", 8443)
     tls_reload_interval: float = 10.0
     image_pull_policy: str = "IfNotPresent"
-    proxy_port: int = 15001
-    admin_port: int = 15090
+    proxy_port: int = 4480
+    admin_port: int = 4490
     config_mount_path: str = "/etc/zonegate"
     resources: dict[str, dict[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "20m", "memory": "48Mi"}}
@@ -83,8 +83,8 @@ def read_injector(node: Node) -> InjectorConfig:
         listen=parse_listen(node, "listen", "0.0.0.0:8443"),
         tls_reload_interval=node.number("tls_reload_interval", 10.0, minimum=0.05, maximum=3600),
         image_pull_policy=node.choice("image_pull_policy", PULL_POLICIES, "IfNotPresent"),
-        proxy_port=sidecar.integer("proxy_port", 15001, minimum=1, maximum=65535),
-        admin_port=sidecar.integer("admin_port", 15090, minimum=1, maximum=65535),
+        proxy_port=sidecar.integer("proxy_port", 4480, minimum=1, maximum=65535),
+        admin_port=sidecar.integer("admin_port", 4490, minimum=1, maximum=65535),
         config_mount_path=_absolute(sidecar, "config_mount_path", "/etc/zonegate"),
         resources=_read_resources(sidecar.child("resources")),
         service_account_token=_read_token(node.child("service_account_token")),

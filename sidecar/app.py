@@ -27,6 +27,7 @@ from aiohttp import web
 from exchange.server.documents import zone_routes
 from runtime.configload import ConfigError
 from runtime.logsetup import quiet_parse_errors, setup_logging
+from runtime.retry import Backoff, retrying
 from runtime.serving import Listener, run, serve
 from sidecar.cache import Clock, TokenCache
 from sidecar.config import SidecarConfig, load_sidecar_config
@@ -36,7 +37,7 @@ from sidecar.proxy import Handler, Proxy, Upstream
 
 log = logging.getLogger("zonegate.sidecar")
 
-REACH_BACKOFF = (0.2, 5.0)  # first and largest pause between attempts to reach an exchanger
+REACH = Backoff(base=0.2, cap=5.0)  # pauses between attempts to reach an exchanger
 REACH_ON_RELOAD = 5.0  # seconds a reload waits for a new exchanger to answer once
 RETIRE_AFTER_MAX = 60.0  # a replaced generation closes after min(shutdown_grace, this)
 
@@ -175,17 +176,14 @@ class Sidecar:
     async def reach_exchangers(self) -> None:
         """Try each exchanger until it answers once; then the sidecar may report ready."""
         for exchanger in self.exchangers.values():
-            pause = REACH_BACKOFF[0]
-            while True:
-                try:
-                    await exchanger.start()
-                    break
-                except Exception as e:  # keep trying: readiness stays false meanwhile
-                    log.warning(
-                        "exchange not reachable yet: %s", e, extra={"exchange": exchanger.identity}
-                    )
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, REACH_BACKOFF[1])
+
+            def warn(e: Exception, pause: float, exchanger: Exchanger = exchanger) -> None:
+                log.warning(
+                    "exchange not reachable yet: %s", e, extra={"exchange": exchanger.identity}
+                )
+
+            # keep trying: readiness stays false meanwhile
+            await retrying(exchanger.start, retry_on=Exception, backoff=REACH, on_retry=warn)
         self.readiness.exchange_reached = True
         log.info("exchange reached; ready")
 

@@ -134,8 +134,8 @@ class SidecarConfig:
 
     routes: tuple[Route, ...]
     exchange: ExchangeSettings | None = None
-    listen: tuple[str, int] = ("127.0.0.1", 15001)
-    admin_listen: tuple[str, int] = ("0.0.0.0", 15090)
+    listen: tuple[str, int] = ("127.0.0.1", 4480)
+    admin_listen: tuple[str, int] = ("0.0.0.0", 4490)
     cache: CacheSettings = CacheSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     max_header_size: int = 32768
@@ -164,8 +164,8 @@ def read_sidecar(node: Node) -> SidecarConfig:
     config = SidecarConfig(
         routes=routes,
         exchange=exchange,
-        listen=parse_listen(node, "listen", "127.0.0.1:15001"),
-        admin_listen=parse_listen(node, "admin_listen", "0.0.0.0:15090"),
+        listen=parse_listen(node, "listen", "127.0.0.1:4480"),
+        admin_listen=parse_listen(node, "admin_listen", "0.0.0.0:4490"),
         cache=_read_cache(node.child("cache")),
         upstream=_read_upstream(node.child("upstream")),
         max_header_size=node.integer("max_header_size", 32768, minimum=8190, maximum=1 << 20),

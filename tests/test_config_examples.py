@@ -167,8 +167,8 @@ REMOTE: dict[str, Any] = {
     "retries": 1,
 }
 KITCHEN_SINK_SIDECAR: dict[str, Any] = {
-    "listen": "127.0.0.1:15001",
-    "admin_listen": "127.0.0.1:15090",
+    "listen": "127.0.0.1:4480",
+    "admin_listen": "127.0.0.1:4490",
     "exchange": {"mode": "embedded", "client_id": "a", "core": KITCHEN_SINK_CORE},
     "routes": [
         {

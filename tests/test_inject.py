@@ -177,7 +177,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize(
     ("change", "cause"),
     [
-        (_set("/spec/containers/0/ports/0/containerPort", 15090), "port 15090"),
+        (_set("/spec/containers/0/ports/0/containerPort", 4490), "port 4490"),
         (_set("/spec/hostNetwork", True), "hostNetwork"),
         (_set("/spec/volumes", [{"name": "zonegate-config", "emptyDir": {}}]), "zonegate-config"),
         (_set("/metadata/annotations/zonegate.io~1config", "Not_A_Name"), "not a valid ConfigMap"),
@@ -234,7 +234,7 @@ def test_http_proxy_env_only_on_app_containers_and_never_overrides() -> None:
     pod = patched_pod(review, answer(review, injector_config(**FULL)))
     app, exporter, _ = pod["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in exporter["env"]}
-    assert env["HTTP_PROXY"] == "http://127.0.0.1:15001"
+    assert env["HTTP_PROXY"] == "http://127.0.0.1:4480"
     no_proxy = env["NO_PROXY"].split(",")
     assert {"localhost", "127.0.0.1", ".svc.cluster.local", ".corp.example.com"} <= set(no_proxy)
     app_env = [e for e in app["env"] if e["name"] == "HTTP_PROXY"]
@@ -267,7 +267,7 @@ def test_prometheus_annotations_added_but_never_overwritten() -> None:
     review = review_of("pod-with-label")
     annotations = patched_pod(review, answer(review, injector_config()))["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "15090"
+    assert annotations["prometheus.io/port"] == "4490"
     assert annotations["prometheus.io/path"] == "/metrics"
     review = review_of("pod-with-several-containers")
     annotations = patched_pod(review, answer(review, injector_config()))["metadata"]["annotations"]
@@ -509,7 +509,7 @@ def test_check_lists_every_injector_config_error_by_yaml_path(
                 "image": IMAGE,
                 "tls_key_file": "k",
                 "imagePullPolicy": "Always",
-                "sidecar": {"admin_port": 15001, "resources": {"requests": {"cpu": "lots"}}},
+                "sidecar": {"admin_port": 4480, "resources": {"requests": {"cpu": "lots"}}},
                 "service_account_token": {"expiration_seconds": 60},
                 "http_proxy": {"enabled": "yes"},
             }

@@ -39,10 +39,10 @@ def table() -> RouteTable:
         ("billing.red.internal:80", "/x", True, "red", "http://127.0.0.1:9001/x"),
         ("BILLING.red.internal", "/x", False, "red", "http://127.0.0.1:9001/x"),
         ("billing.red.internal:8443", "/x", True, "red", "http://127.0.0.1:9001/x"),
-        ("127.0.0.1:15001", "/green/a/b?q=%20", False, "green", "http://127.0.0.1:9002/v1/a/b?q=%20"),
-        ("127.0.0.1:15001", "/green", False, "green", "http://127.0.0.1:9002/v1/"),
-        ("127.0.0.1:15001", "/blue/x", False, "blue", "http://127.0.0.1:9004/blue/x"),
-        ("127.0.0.1:15001", "/blue", False, "blue", "http://127.0.0.1:9004/blue"),
+        ("127.0.0.1:4480", "/green/a/b?q=%20", False, "green", "http://127.0.0.1:9002/v1/a/b?q=%20"),
+        ("127.0.0.1:4480", "/green", False, "green", "http://127.0.0.1:9002/v1/"),
+        ("127.0.0.1:4480", "/blue/x", False, "blue", "http://127.0.0.1:9004/blue/x"),
+        ("127.0.0.1:4480", "/blue", False, "blue", "http://127.0.0.1:9004/blue"),
     ],
 )  # fmt: skip
 def test_first_matching_route_and_upstream_url(
@@ -69,8 +69,8 @@ def test_route_with_port_matches_that_port_only() -> None:
     [
         ("evil.example", "/x", True),  # not an open proxy
         ("127.0.0.1", "/green/x", True),  # routes without host serve reverse mode only
-        ("127.0.0.1:15001", "/greenhouse", False),  # prefixes match whole segments
-        ("127.0.0.1:15001", "/other", False),
+        ("127.0.0.1:4480", "/greenhouse", False),  # prefixes match whole segments
+        ("127.0.0.1:4480", "/other", False),
     ],
 )
 def test_no_route(table: RouteTable, host: str, target: str, absolute: bool) -> None:
