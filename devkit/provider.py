@@ -1,8 +1,9 @@
-"""A development OpenID Provider: discovery, JWKS and a token endpoint for demo users.
+"""A development OpenID Provider: discovery, JWKS and tokens for demo users.
 
-For ``zonegate demo`` and the test suite only: real keys, real JWKS over HTTP, but users log in
-with their name as password. It can rotate keys and pretend to be down, so clients of it can be
-tested against the failures a real provider has.
+For ``zonegate dev-provider``, ``zonegate demo`` and the test suite only: real keys, real JWKS
+over HTTP, but anyone may ask for a token (``GET /dev/token?sub=alice``) and users log in with
+their name as password. It can rotate keys and pretend to be down, so clients of it can be
+tested against the failures a real provider has. Never for production.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class DevOpenIDProvider:
         if not self.keys:
             self.rotate("RS256")
             self.rotate("ES256")
+
+    @classmethod
+    def with_key(cls, issuer: str, alg: str) -> DevOpenIDProvider:
+        """A provider at ``issuer`` signing with one fresh key of ``alg``."""
+        key = signing_key(generate_private_key(alg), alg)
+        return cls(issuer=issuer, keys={key.kid: key}, default_kid=key.kid)
 
     def rotate(self, alg: str = "ES256", key: PrivateKey | None = None) -> str:
         """Add a new key and make it the default signer; return its kid."""
@@ -96,6 +103,7 @@ class DevOpenIDProvider:
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks.json", self._jwks)
         app.router.add_post("/token", self._token)
+        app.router.add_get("/dev/token", self._dev_token)
         return app
 
     def _unavailable(self) -> web.Response | None:
@@ -154,3 +162,73 @@ class DevOpenIDProvider:
             },
             headers={"Cache-Control": "no-store"},
         )
+
+    async def _dev_token(self, request: web.Request) -> web.Response:
+        """``GET /dev/token?sub=alice&aud=frontend&scope=billing:read&ttl=600``: a signed
+        access token for anyone who asks (development only)."""
+        down = self._unavailable()
+        if down:
+            return down
+        try:
+            claims, ttl = dev_token_claims(request.query)
+        except ValueError as e:
+            body = {"error": "invalid_request", "error_description": str(e)}
+            return web.json_response(body, status=400)
+        token = self.mint({**claims, "exp": int(time.time()) + ttl})
+        return web.json_response(
+            {"access_token": token, "token_type": "Bearer", "expires_in": ttl},
+            headers={"Cache-Control": "no-store"},
+        )
+
+
+MAX_DEV_TTL = 86400
+_CLAIM_TEXT = 256
+
+
+def dev_token_claims(query: Any) -> tuple[dict[str, Any], int]:
+    """The claims and lifetime ``/dev/token`` was asked for; ValueError says what is wrong."""
+    unknown = sorted(set(query) - {"sub", "aud", "scope", "ttl"})
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r}; use sub, aud, scope, ttl")
+    claims: dict[str, Any] = {"sub": _text(query, "sub", "alice")}
+    audiences = query.getall("aud", ["frontend"])
+    claims["aud"] = audiences[0] if len(audiences) == 1 else list(audiences)
+    if "scope" in query:
+        claims["scope"] = _text(query, "scope", "")
+    if claims["sub"] in DEMO_USERS:
+        claims.update(DEMO_USERS[claims["sub"]])
+    return claims, _ttl(query.get("ttl", "600"))
+
+
+def _text(query: Any, name: str, default: str) -> str:
+    value = str(query.get(name, default))
+    if not value or len(value) > _CLAIM_TEXT or not value.isprintable():
+        raise ValueError(f"{name} must be 1 to {_CLAIM_TEXT} printable characters")
+    return value
+
+
+def _ttl(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= MAX_DEV_TTL:
+        raise ValueError(f"ttl must be whole seconds from 1 to {MAX_DEV_TTL}")
+    return int(value)
+
+
+def main(listen: str = "127.0.0.1:8080", alg: str = "ES256") -> int:
+    """``zonegate dev-provider``: serve a development OpenID Provider until SIGTERM."""
+    from runtime.logsetup import setup_logging
+    from runtime.serving import Listener, run, serve
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SystemExit(
+            f"zonegate: --listen must be host:port, e.g. 127.0.0.1:8080, got {listen!r}"
+        )
+    setup_logging("INFO")
+    provider = DevOpenIDProvider.with_key(f"http://{host}:{port}", alg)
+    print(
+        "zonegate dev-provider: a development OpenID Provider, NOT for production "
+        f"(anyone may ask for a token): issuer {provider.issuer}",
+        flush=True,
+    )
+    print(f"  curl -s '{provider.issuer}/dev/token?sub=alice&aud=frontend&scope=billing:read'")
+    return run(serve([Listener("dev-provider", provider.app(), host, int(port))]))

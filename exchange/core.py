@@ -205,23 +205,33 @@ class ExchangeCore:
         """The JWKS of one zone: its current and next keys only."""
         return self.keys[zone].jwks()
 
-    def zone_metadata(self, zone: str, base: str | None = None) -> dict[str, Any]:
-        """RFC 8414 / OIDC discovery metadata of a zone issuer; ``jwks_uri`` is the zone's alone."""
+    def zone_metadata(
+        self, zone: str, base: str | None = None, *, token_endpoint: bool = True
+    ) -> dict[str, Any]:
+        """RFC 8414 / OIDC discovery metadata of a zone issuer; ``jwks_uri`` is the zone's alone.
+
+        ``token_endpoint``: whether ``<base>/token`` exists (the standalone server); an embedded
+        sidecar's admin listener serves the documents only, so it advertises no endpoint.
+        """
         issuer = self.config.zone_issuer(zone)
         root = (base or self.config.issuer).rstrip("/")
-        return {
+        document: dict[str, Any] = {
             "issuer": issuer,
             "jwks_uri": f"{root}/zones/{zone}/jwks.json",
-            "token_endpoint": f"{root}/token",
-            "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
             "response_types_supported": ["token"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": [self.keys[zone].current.alg],
-            "token_endpoint_auth_methods_supported": self.auth_methods(),
-            # RFC 8414 §2: required when private_key_jwt is listed; assertions are checked
-            # with the default algorithm allow-list
-            "token_endpoint_auth_signing_alg_values_supported": list(DEFAULT_ALGORITHMS),
         }
+        if token_endpoint:
+            document |= {
+                "token_endpoint": f"{root}/token",
+                "grant_types_supported": [GRANT_TYPE_TOKEN_EXCHANGE],
+                "token_endpoint_auth_methods_supported": self.auth_methods(),
+                # RFC 8414 §2: required when private_key_jwt is listed; assertions are checked
+                # with the default algorithm allow-list
+                "token_endpoint_auth_signing_alg_values_supported": list(DEFAULT_ALGORITHMS),
+            }
+        return document
 
     def server_metadata(self) -> dict[str, Any]:
         """RFC 8414 metadata of the exchange server itself."""

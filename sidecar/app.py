@@ -322,7 +322,10 @@ def build_sidecar(
     )
     embedded = sidecar.embedded
     if embedded is not None:
-        admin_app.add_routes(zone_routes(lambda: (sidecar.embedded or embedded).core))
+        core = lambda: (sidecar.embedded or embedded).core  # noqa: E731 - a getter
+        # The admin listener has no /token: its documents advertise none (RFC 8414 §2 makes
+        # token_endpoint optional for issuers without one).
+        admin_app.add_routes(zone_routes(core, token_endpoint=False))
     admin_app.cleanup_ctx.append(_admin_lifecycle(sidecar))
     return proxy_app, admin_app
 

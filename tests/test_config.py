@@ -195,7 +195,12 @@ def test_keys_generate_and_kid_is_rfc7638_thumbprint(tmp_path: Path, alg: str) -
     out.chmod(0o644)
     assert run_cli("keys", "generate", "--alg", alg, "--out", str(out), "--force").returncode == 0
     assert out.stat().st_mode & 0o077 == 0  # overwriting tightens a loose mode
-    nowhere = run_cli("keys", "generate", "--out", str(tmp_path / "missing" / "k.pem"))
+    fresh = run_cli("keys", "generate", "--out", str(tmp_path / "new" / "keys" / "k.pem"))
+    assert fresh.returncode == 0, fresh.stderr
+    for folder in (tmp_path / "new", tmp_path / "new" / "keys"):
+        assert folder.stat().st_mode & 0o777 == 0o700  # missing folders made private
+    (tmp_path / "a-file").write_text("not a folder")
+    nowhere = run_cli("keys", "generate", "--out", str(tmp_path / "a-file" / "k.pem"))
     assert (
         nowhere.returncode == 1
         and "cannot write" in nowhere.stderr

@@ -709,6 +709,9 @@ async def test_admin_health_readiness_and_zone_documents(running: Running) -> No
         metadata = await r.json()
     assert metadata["issuer"] == f"{EXCHANGE_ISSUER}/zones/red"
     assert metadata["jwks_uri"].endswith("/zones/red/jwks.json")
+    async with running.session.post(running.admin_url("/token")) as r:
+        assert r.status == 404  # no token endpoint here ...
+    assert "token_endpoint" not in metadata  # ... so none is advertised
     running.sidecar.readiness.drain()
     async with running.session.get(running.admin_url("/readyz")) as r:
         assert r.status == 503

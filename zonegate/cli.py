@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,35 +23,48 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zonegate", description="zonegate: token-exchange sidecar and exchange server"
     )
+    parser.add_argument("--version", action="version", version=f"zonegate {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text)
 
     for name, run, text in (
         ("sidecar", _run_sidecar, "run the sidecar proxy"),
         ("exchange", _run_exchange, "run the standalone exchange server"),
         ("injector", _run_injector, "run the Kubernetes mutating admission webhook (TLS)"),
     ):
-        p = sub.add_parser(name, help=text, description=text)
+        p = command(name, text)
         add_program_arguments(p)
         p.set_defaults(run=run)
 
-    demo = sub.add_parser("demo", help="everything on 127.0.0.1 in one process")
+    demo = command(
+        "demo",
+        "everything on 127.0.0.1 in one process: a dev OpenID Provider, the exchange, the "
+        "sidecar and two zone backends; prints every hop",
+    )
     demo.add_argument("--once", action="store_true", help="run the walkthrough and exit")
     demo.add_argument("--remote", action="store_true", help="use the standalone exchange server")
     demo.set_defaults(run=_run_demo)
 
-    check = sub.add_parser("check", help="validate a config file (exit 0, or 2 listing errors)")
+    check = command(
+        "check", "validate a sidecar, exchange or injector config (exit 0, or 2 listing errors)"
+    )
     check.add_argument("file", type=Path)
     check.set_defaults(run=_run_check)
 
-    keys = sub.add_parser("keys", help="manage zone signing keys")
+    keys = command("keys", "manage zone signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    gen = keys_sub.add_parser("generate", help="write a private key (PEM) for a zone")
+    gen_text = "write a private key (PEM, mode 0600) for a zone; missing folders are made 0700"
+    gen = keys_sub.add_parser("generate", help=gen_text, description=gen_text)
     gen.add_argument("--alg", default="ES256", choices=("ES256", "RS256", "PS256", "EdDSA"))
     gen.add_argument("--out", required=True, type=Path)
     gen.add_argument("--force", action="store_true", help="overwrite an existing file")
     gen.set_defaults(run=_run_keys_generate)
 
-    explain = sub.add_parser("explain", help="dry-run the core's decision, minting nothing")
+    explain = command(
+        "explain", "dry-run the exchange core's decision for a token, minting nothing"
+    )
     explain.add_argument("--config", required=True, type=Path, help="exchange or sidecar config")
     explain.add_argument(
         "--subject-token", required=True, help="the token, or @FILE, or - for stdin"
@@ -60,7 +74,29 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--scope")
     explain.add_argument("--client", help="client_id (default: the only client, or the sidecar's)")
     explain.set_defaults(run=_run_explain)
+
+    dev = command(
+        "dev-provider",
+        "serve a development OpenID Provider (discovery, JWKS, GET /dev/token): not for production",
+    )
+    dev.add_argument("--listen", default="127.0.0.1:8080", help="host:port (default %(default)s)")
+    dev.add_argument("--alg", default="ES256", choices=("ES256", "RS256", "PS256", "EdDSA"))
+    dev.set_defaults(run=_run_dev_provider)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version."""
+    try:
+        return importlib.metadata.version("zonegate")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _run_dev_provider(args: argparse.Namespace) -> int:
+    from devkit.provider import main as provider_main
+
+    return provider_main(args.listen, args.alg)
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
@@ -123,12 +159,21 @@ def _run_keys_generate(args: argparse.Namespace) -> int:
         return 1
     key = generate_private_key(args.alg)
     try:
+        make_private_folders(out.parent)
         write_private_key(key, out)
     except OSError as e:
         print(f"zonegate: cannot write {out}: {e.strerror}", file=sys.stderr)
         return 1
     print(f"wrote {args.alg} private key to {out} (kid {signing_key(key, args.alg).kid})")
     return 0
+
+
+def make_private_folders(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each readable by its owner only (0700)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir(mode=0o700)
+        path.chmod(0o700)  # mkdir's mode is filtered by the umask
 
 
 if __name__ == "__main__":

@@ -17,10 +17,13 @@ from exchange.core import ExchangeCore
 DOCUMENT_CACHE_CONTROL = "public, max-age=300"
 
 
-def zone_routes(core: Callable[[], ExchangeCore]) -> list[web.RouteDef]:
+def zone_routes(
+    core: Callable[[], ExchangeCore], *, token_endpoint: bool = True
+) -> list[web.RouteDef]:
     """Routes for every zone's metadata (both well-known forms) and JWKS.
 
-    ``core`` is a getter so a reloaded core is picked up without re-registering routes.
+    ``core`` is a getter so a reloaded core is picked up without re-registering routes;
+    ``token_endpoint``: whether this listener also serves ``POST /token`` (advertised then).
     """
 
     def zone_of(request: web.Request) -> str:
@@ -32,7 +35,7 @@ def zone_routes(core: Callable[[], ExchangeCore]) -> list[web.RouteDef]:
 
     async def metadata(request: web.Request) -> web.Response:
         return web.json_response(
-            core().zone_metadata(zone_of(request)),
+            core().zone_metadata(zone_of(request), token_endpoint=token_endpoint),
             headers={"Cache-Control": DOCUMENT_CACHE_CONTROL},
         )
 
