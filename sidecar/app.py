@@ -78,7 +78,12 @@ class Sidecar:
         self.readiness = Readiness()
         self.metrics = SidecarMetrics(lambda: len(self.cache))
         self._clock = clock
-        self.cache = TokenCache(config.cache, clock=clock, on_event=self.metrics.observe_cache)
+        self.cache = TokenCache(
+            config.cache,
+            clock=clock,
+            on_event=self.metrics.observe_cache,
+            on_evict=self.metrics.observe_eviction,
+        )
         self.exchangers: dict[str, Exchanger] = exchangers or {
             identity: build_exchanger(settings) for identity, settings in config.exchanges().items()
         }
@@ -111,7 +116,12 @@ class Sidecar:
             if getattr(config, listener) != getattr(self.config, listener):
                 log.warning("%s changed in config: takes effect on restart only", listener)
         await self._reach([e for i, e in exchangers.items() if self.exchangers.get(i) is not e])
-        cache = TokenCache(config.cache, clock=self._clock, on_event=self.metrics.observe_cache)
+        cache = TokenCache(
+            config.cache,
+            clock=self._clock,
+            on_event=self.metrics.observe_cache,
+            on_evict=self.metrics.observe_eviction,
+        )
         proxy = Proxy(config, cache, exchangers, self.metrics)
         proxy.upstream = self._upstream_for(config)
         old = (self.cache, self.exchangers, self.proxy.upstream)

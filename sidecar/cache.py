@@ -31,7 +31,8 @@ from sidecar.config import CacheSettings, Target
 log = logging.getLogger("zonegate.sidecar.cache")
 
 Clock = Callable[[], float]
-CacheEvent = Callable[[str], None]  # hit | miss | coalesced | evicted
+CacheEvent = Callable[[str], None]  # a lookup: hit | miss | coalesced
+Eviction = Callable[[str, int], None]  # (reason, how many): expired | capacity | upstream_401
 Fetch = Callable[[], Awaitable["Issued"]]
 JITTER = 0.1  # refresh-ahead point moves by up to this fraction of the entry's life
 
@@ -66,16 +67,22 @@ class Entry:
 
 
 class _Store(TLRUCache[CacheKey, Entry]):
-    """A TLRU cache that reports LRU evictions (not expiries) to ``on_evict``."""
+    """A TLRU cache that reports what it drops: LRU evictions and expired entries."""
 
-    def __init__(self, maxsize: int, timer: Clock, on_evict: Callable[[], None]) -> None:
+    def __init__(self, maxsize: int, timer: Clock, on_evict: Eviction) -> None:
         super().__init__(maxsize, ttu=lambda _k, entry, _now: entry.serve_until, timer=timer)
         self._on_evict = on_evict
 
     def popitem(self) -> tuple[CacheKey, Entry]:
         item = super().popitem()
-        self._on_evict()
+        self._on_evict("capacity", 1)
         return item
+
+    def expire(self, time: float | None = None) -> list[tuple[CacheKey, Entry]]:
+        expired = super().expire(time)
+        if expired:
+            self._on_evict("expired", len(expired))
+        return expired
 
 
 class TokenCache:
@@ -87,13 +94,15 @@ class TokenCache:
         *,
         clock: Clock,
         on_event: CacheEvent | None = None,
+        on_evict: Eviction | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
         self._on_event = on_event or (lambda result: None)
+        self._on_evict = on_evict or (lambda reason, count: None)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
-        self._store = _Store(settings.max_entries, clock, lambda: self._on_event("evicted"))
+        self._store = _Store(settings.max_entries, clock, self._on_evict)
         self._refused: TLRUCache[CacheKey, tuple[float, ExchangeError]] = TLRUCache(
             settings.max_entries, ttu=lambda _k, v, _now: v[0], timer=clock
         )
@@ -126,7 +135,7 @@ class TokenCache:
     def evict(self, key: CacheKey) -> None:
         """Drop an entry an upstream refused, so the next request exchanges afresh."""
         if self._store.pop(key, None) is not None:
-            self._on_event("evicted")
+            self._on_evict("upstream_401", 1)
 
     async def close(self) -> None:
         """Cancel background refreshes."""

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from runtime.telemetry import LATENCY_BUCKETS, program_registry
 
 NO_ROUTE = "none"
 UNKNOWN_ZONE = "unknown"
 MAX_ZONES = 64
-CACHE_RESULTS = ("hit", "miss", "coalesced", "evicted")
-REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-EXCHANGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CACHE_RESULTS = ("hit", "miss", "coalesced")
+EVICTION_REASONS = ("expired", "capacity", "upstream_401")
 
 
 class SidecarMetrics:
@@ -26,7 +27,7 @@ class SidecarMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, cache_entries: Callable[[], float]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = program_registry()
         self._zones: set[str] = set()
         self.requests = Counter(
             "zonegate_sidecar_requests",
@@ -38,16 +39,23 @@ class SidecarMetrics:
             "zonegate_sidecar_request_duration_seconds",
             "Time from request to the end of the response, by route.",
             ["route"],
-            buckets=REQUEST_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.token_cache = Counter(
             "zonegate_sidecar_token_cache",
-            "Token cache lookups (hit, miss, coalesced into a running exchange) and evictions.",
+            "Token cache lookups: hit, miss, coalesced (joined an exchange already running).",
             ["result"],
             registry=self.registry,
         )
         self._cache_children = {r: self.token_cache.labels(result=r) for r in CACHE_RESULTS}
+        self.evictions = Counter(
+            "zonegate_sidecar_token_cache_evictions",
+            "Cache entries dropped before use: expired, capacity (LRU), upstream_401.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._eviction_children = {r: self.evictions.labels(reason=r) for r in EVICTION_REASONS}
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.cache_entries = Gauge(
             "zonegate_sidecar_token_cache_entries",
@@ -65,7 +73,7 @@ class SidecarMetrics:
             "zonegate_sidecar_exchange_duration_seconds",
             "Time one token exchange took, by exchange mode (embedded or remote).",
             ["mode"],
-            buckets=EXCHANGE_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
 
@@ -87,6 +95,12 @@ class SidecarMetrics:
         if child is None:
             child = self._cache_children[result] = self.token_cache.labels(result=result)
         child.inc()
+
+    def observe_eviction(self, reason: str, count: int = 1) -> None:
+        child = self._eviction_children.get(reason)
+        if child is None:
+            child = self._eviction_children[reason] = self.evictions.labels(reason=reason)
+        child.inc(count)
 
     def observe_exchange(self, zone: str | None, outcome: str, mode: str, seconds: float) -> None:
         self.exchanges.labels(zone=self._bounded_zone(zone), outcome=outcome).inc()

@@ -50,16 +50,23 @@ class EventCounter(Counter[str]):
         self[result] += 1
 
 
+class EvictionCounter(Counter[str]):
+    def update_one(self, reason: str, count: int) -> None:
+        self[reason] += count
+
+
 @dataclass
 class Harness:
     clock: FakeClock = field(default_factory=FakeClock)
     events: EventCounter = field(default_factory=EventCounter)
+    evictions: EvictionCounter = field(default_factory=EvictionCounter)
 
     def cache(self, **settings: float) -> TokenCache:
         return TokenCache(
             CacheSettings(**settings),  # type: ignore[arg-type]
             clock=self.clock,
             on_event=self.events.update_one,
+            on_evict=self.evictions.update_one,
             rng=random.Random(7),
         )
 
@@ -126,7 +133,7 @@ async def test_lru_bound_evicts_least_recently_used(h: Harness) -> None:
     await cache.get(a, exchange)  # a is now the most recent
     await cache.get(c, exchange)  # evicts b
     assert len(cache) == 2
-    assert h.events["evicted"] == 1
+    assert h.evictions == {"capacity": 1}
     calls = exchange.calls
     await cache.get(a, exchange)
     await cache.get(b, exchange)
@@ -226,4 +233,14 @@ async def test_evict_forces_a_fresh_exchange(h: Harness) -> None:
     await cache.get(KEY, exchange)
     cache.evict(KEY)
     assert await cache.get(KEY, exchange) == "zone-2"
-    assert h.events["evicted"] == 1
+    assert h.evictions == {"upstream_401": 1}
+    assert set(h.events) == {"miss"}  # lookups and evictions are counted apart
+
+
+async def test_expired_entries_are_counted_as_expired(h: Harness) -> None:
+    """An entry that outlived its serve time is dropped and counted with reason expired."""
+    cache, exchange = h.cache(expiry_skew=30), Exchange(h.clock, lifetime=100)
+    await cache.get(KEY, exchange)
+    h.clock.now += 71  # past exp - skew
+    assert len(cache) == 0
+    assert h.evictions == {"expired": 1}

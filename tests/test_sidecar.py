@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -38,6 +39,7 @@ from exchange.core import ExchangeCore
 from exchange.server.fetcher import HttpFetcher
 from exchange.server.wiring import build_core
 from exchange.tokens import TokenExchangeRequest, TokenResponse
+from runtime.telemetry import version
 from sidecar.app import SIDECAR, Sidecar, build_sidecar
 from sidecar.config import EmbeddedExchange, SidecarConfig, parse_sidecar_config
 from sidecar.exchanger import EmbeddedExchanger, Exchanger
@@ -738,12 +740,23 @@ async def test_metrics_have_pinned_names_and_pass_promtool(running: Running) -> 
         ("zonegate_sidecar_token_cache_total", (("result", "hit"),)): 1,
         ("zonegate_sidecar_token_cache_total", (("result", "miss"),)): 1,
         ("zonegate_sidecar_token_cache_total", (("result", "coalesced"),)): 0,
-        ("zonegate_sidecar_token_cache_total", (("result", "evicted"),)): 0,
+        ("zonegate_sidecar_token_cache_evictions_total", (("reason", "upstream_401"),)): 0,
+        ("zonegate_build_info", (("python", platform.python_version()), ("version", version()))): 1,
         ("zonegate_sidecar_token_cache_entries", ()): 1,
         ("zonegate_sidecar_exchanges_total", (("outcome", "ok"), ("zone", "red"))): 1,
         ("zonegate_sidecar_exchange_duration_seconds_count", (("mode", "embedded"),)): 1,
     }
     assert {k: samples.get(k) for k in expected} == expected
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert (
+        min(
+            float(s.labels["le"])
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "zonegate_sidecar_request_duration_seconds_bucket"
+        )
+        == 0.0001
+    )
     assert subject not in text
     promtool = shutil.which("promtool")
     if promtool is None:

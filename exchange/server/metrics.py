@@ -9,9 +9,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from runtime.telemetry import LATENCY_BUCKETS, program_registry
+
 UNKNOWN_CLIENT = "unknown"
 NO_ZONE = "none"
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class ExchangeMetrics:
@@ -20,7 +21,7 @@ class ExchangeMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.registry = registry or program_registry()
         self.requests = Counter(
             "zonegate_exchange_requests",
             "Token exchange requests by client, zone and outcome (ok or the error code).",
@@ -30,7 +31,7 @@ class ExchangeMetrics:
         self.duration = Histogram(
             "zonegate_exchange_duration_seconds",
             "Time to answer a token exchange request.",
-            buckets=DURATION_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.jwks_fetches = Counter(
