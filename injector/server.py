@@ -27,6 +27,7 @@ from injector.review import (
     pod_patch,
     pointer,
 )
+from runtime.health import liveness, readiness
 from runtime.tls import ReloadingTls
 
 log = logging.getLogger("zonegate.injector")
@@ -77,8 +78,15 @@ def _error(status: int, description: str) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness and readiness: the process answers, and its certificate loaded at start."""
-    return web.json_response({"status": "ok"})
+    """Liveness: the process answers."""
+    return liveness()
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the certificate loaded at start (or there is none: a test app)."""
+    return readiness(
+        {"certificate_loaded": TLS_KEY not in request.app or request.app[TLS_KEY].loaded}
+    )
 
 
 def make_app(config: InjectorConfig, tls: ReloadingTls | None = None) -> web.Application:
@@ -87,7 +95,7 @@ def make_app(config: InjectorConfig, tls: ReloadingTls | None = None) -> web.App
     app[CONFIG_KEY] = config
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", healthz)
+    app.router.add_get("/readyz", readyz)
     if tls is not None:
         app[TLS_KEY] = tls
         app.cleanup_ctx.append(_watch_tls)

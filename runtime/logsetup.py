@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -118,3 +119,23 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # we log requests ourselves
     quiet_parse_errors()
+
+
+class Throttle:
+    """At most one log line per key every ``every`` seconds; says how many were held back."""
+
+    def __init__(self, every: float, clock: Callable[[], float]) -> None:
+        self.every = every
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None: stay quiet; else the number of lines held back since the last one."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)

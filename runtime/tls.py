@@ -22,6 +22,7 @@ class ReloadingTls:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._watch = FileWatch(cert_file, key_file)
+        self.loaded = False
         try:
             self.reload()
         except (OSError, ssl.SSLError) as e:
@@ -36,6 +37,7 @@ class ReloadingTls:
         # live one, whose certificate would otherwise no longer match its key.
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
         self.context.load_cert_chain(self.cert_file, self.key_file)
+        self.loaded = True
         return True
 
     def try_reload(self) -> None:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from exchange.server.documents import zone_routes
 from runtime.configload import ConfigError
+from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
 from runtime.retry import Backoff, retrying
 from runtime.serving import Listener, run, serve
@@ -267,22 +268,20 @@ async def _unreachable(request: web.Request) -> web.StreamResponse:
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
+    return liveness()
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: see the module docstring."""
-    readiness = request.app[SIDECAR].readiness
-    body = {
-        "ready": readiness.ready,
-        "checks": {
-            "proxy_listener": readiness.proxy_started,
-            "admin_listener": readiness.admin_started,
-            "exchange_reached": readiness.exchange_reached,
-            "draining": readiness.draining,
-        },
-    }
-    return web.json_response(body, status=200 if readiness.ready else 503)
+    state = request.app[SIDECAR].readiness
+    return readiness(
+        {
+            "proxy_listener": state.proxy_started,
+            "admin_listener": state.admin_started,
+            "exchange_reached": state.exchange_reached,
+            "not_draining": not state.draining,
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -20,9 +20,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from exchange.errors import ExchangeError
+from exchange.errors import ExchangeError, InvalidClient, SlowDown, TemporarilyUnavailable
 from exchange.tokens import TokenExchangeRequest, TokenResponse
 from exchange.validate import unverified_claims
+from runtime.logsetup import Throttle
 from sidecar.cache import CacheKey, Issued, TokenCache
 from sidecar.config import Route, SidecarConfig
 from sidecar.exchanger import Exchanger
@@ -44,6 +45,7 @@ log = logging.getLogger("zonegate.sidecar")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CHUNK = 64 * 1024
+WARN_EVERY = 30.0  # seconds between warnings about one exchange's one kind of failure
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -88,6 +90,7 @@ class Proxy:
         self.metrics = metrics
         self.upstream = Upstream()
         self._zones: dict[str, str] = {}  # route name -> zone last issued, for failure labels
+        self._throttle = Throttle(WARN_EVERY, time.monotonic)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -113,7 +116,7 @@ class Proxy:
             "method": request.method,
             "route": call.route,
             "status": call.status,
-            "duration_ms": round(seconds * 1000, 1),
+            "duration": round(seconds, 6),  # seconds, as every zonegate access line
             "subject": call.subject,  # a short SHA-256 handle, never the token
         }
         log.info("request", extra=entry)
@@ -201,9 +204,25 @@ class Proxy:
             answer = await _ask(exchanger, route, subject_token)
         except ExchangeError as e:
             self._observe(route, None, e.error, exchanger.mode, started)
+            self._warn_operator(exchanger, e)
             raise
         self._observe(route, answer.zone, "ok", exchanger.mode, started)
         return Issued(answer.access_token, answer.expires_at, subject_expiry(subject_token))
+
+    def _warn_operator(self, exchanger: Exchanger, e: ExchangeError) -> None:
+        """A failure that is the operator's to fix, not the user's, is a warning: at most one
+        per exchange and kind every WARN_EVERY seconds, saying how many were held back."""
+        problem = operator_problem(e)
+        if problem is None:
+            return
+        held = self._throttle.allow(f"{exchanger.identity}:{e.error}")
+        if held is not None:
+            log.warning(
+                "%s: %s",
+                problem,
+                e.description,
+                extra={"exchange": exchanger.identity, "error": e.error, "suppressed": held},
+            )
 
     def _observe(
         self, route: Route, zone: str | None, outcome: str, mode: str, started: float
@@ -317,6 +336,19 @@ async def _ask(exchanger: Exchanger, route: Route, subject_token: str) -> TokenR
     except Exception as e:  # a bug must not become a 500 with a traceback for the app
         log.exception("exchange failed unexpectedly", extra={"route": route.name})
         raise ExchangeError(f"exchange failed: {type(e).__name__}") from e
+
+
+def operator_problem(e: ExchangeError) -> str | None:
+    """What an operator should hear about an exchange failure (None: the user's own fault)."""
+    if isinstance(e, InvalidClient):
+        return "the exchange refuses this sidecar's client credentials"
+    if isinstance(e, SlowDown):
+        return "the exchange rate-limits this sidecar"
+    if isinstance(e, TemporarilyUnavailable):
+        return "the exchange cannot be reached or cannot answer now"
+    if type(e) is ExchangeError:
+        return "the exchange gave an answer the sidecar cannot use"
+    return None
 
 
 def subject_expiry(token: str) -> float | None:

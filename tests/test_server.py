@@ -7,6 +7,7 @@ for every token, assertion and secret the test used.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import secrets
 import socket
@@ -540,7 +541,10 @@ async def test_access_log_has_the_status_sent(
 async def test_health_and_readiness(exchange: Exchange) -> None:
     """/healthz and /readyz answer 200 once the config and keys are loaded."""
     assert (await exchange.get("/healthz")).status == 200
-    assert (await exchange.get("/readyz")).body == {"status": "ready"}
+    assert (await exchange.get("/readyz")).body == {
+        "status": "ready",
+        "checks": {"config_and_keys_loaded": True},
+    }
 
 
 async def test_audit_and_access_lines(exchange: Exchange) -> None:
@@ -557,6 +561,9 @@ async def test_audit_and_access_lines(exchange: Exchange) -> None:
         and '"client": "shop-frontend"' in line
         and '"zone": "red"' in line
         and '"outcome": "ok"' in line
+        and '"audience": ["billing"]' in line
+        and '"scope": "billing:read"' in line
+        and '"peer": "127.0.0.1"' in line
         for line in audit
     ), audit
     access = [line for line in exchange.scan.lines if '"logger": "zonegate.access"' in line]
@@ -566,6 +573,25 @@ async def test_audit_and_access_lines(exchange: Exchange) -> None:
         and '"client": "shop-frontend"' in line
         for line in access
     ), access
+
+
+async def test_failed_client_authentication_is_a_warning_naming_the_client(
+    exchange: Exchange,
+) -> None:
+    """A wrong secret is audited at warning with the client id it claimed, never the secret."""
+    answer = await exchange.post(
+        exchange.form(), authorization=basic("shop-frontend", "wrong-secret")
+    )
+    assert answer.status == 401
+    failed = [
+        json.loads(line)
+        for line in exchange.scan.lines
+        if '"logger": "zonegate.audit"' in line and "authentication failed" in line
+    ]
+    assert failed and failed[-1]["level"] == "warning"
+    assert failed[-1]["presented_client"] == "shop-frontend"
+    assert failed[-1]["peer"] == "127.0.0.1"
+    assert "wrong-secret" not in json.dumps(failed)
 
 
 async def test_metrics_count_exchanges_and_fetches(exchange: Exchange) -> None:

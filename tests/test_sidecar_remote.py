@@ -233,16 +233,22 @@ async def test_service_account_token_is_reread_when_it_rotates(setup: Setup) -> 
     assert (await setup.call(setup.op.mint({"sub": "carol"}))).status == 201
 
 
-async def test_wrong_client_secret_is_502(setup: Setup) -> None:
-    """The sidecar's own credential refused (invalid_client) is a 502, not the user's fault."""
+async def test_wrong_client_secret_is_502(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
+    """The sidecar's own credential refused (invalid_client) is a 502, not the user's fault,
+    and the operator hears of it once (a throttled warning), not once per request."""
     await setup.start_sidecar(
         {"issuer": setup.exchange.url, "client_id": "shop-frontend", "client_secret": "wrong"}
     )
-    async with setup.session.get(
-        setup.url("/red/x"), headers={"Authorization": f"Bearer {setup.op.login('alice')}"}
-    ) as r:
-        assert r.status == 502
-        assert (await r.json())["error"] == "invalid_client"
+    for _ in range(5):
+        async with setup.session.get(
+            setup.url("/red/x"), headers={"Authorization": f"Bearer {setup.op.login('alice')}"}
+        ) as r:
+            assert r.status == 502
+            assert (await r.json())["error"] == "invalid_client"
+    warnings = [
+        r for r in caplog.records if "refuses this sidecar's client credentials" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
 
 
 async def test_a_route_exchange_differing_only_in_its_secret_is_its_own(setup: Setup) -> None:

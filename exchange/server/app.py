@@ -26,7 +26,7 @@ from exchange import policy
 from exchange.clientauth import ClientAuthenticator, presented_credentials
 from exchange.config import ClientConfig, ExchangeConfig, load_exchange_config
 from exchange.core import ExchangeCore, subject_hash
-from exchange.errors import ExchangeError, InvalidRequest
+from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
 from exchange.ratelimit import RateLimiter
 from exchange.server.documents import zone_routes
 from exchange.server.fetcher import HttpFetcher
@@ -35,6 +35,7 @@ from exchange.server.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
 from exchange.server.wiring import build_core
 from exchange.tokens import TokenExchangeRequest, TokenResponse, parse_token_request
 from runtime.configload import ConfigError
+from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
 from runtime.serving import Listener, run, serve
 
@@ -46,6 +47,7 @@ FORM = "application/x-www-form-urlencoded"
 MAX_BODY = 64 * 1024
 MAX_FIELDS = 64
 MAX_LOGGED_PATH = 200
+MAX_LOGGED_VALUE = 200
 KEY_CHECK_INTERVAL = 10.0
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 BASIC_CHALLENGE = 'Basic realm="zonegate"'
@@ -247,6 +249,11 @@ class Outcome:
     subject: str | None = None  # subject_hash, never the token
     jti: str | None = None
     error: ExchangeError | None = None
+    peer: str | None = None
+    presented_client: str | None = None  # the client id a failed authentication claimed
+    audience: tuple[str, ...] = ()
+    resource: tuple[str, ...] = ()
+    scope: tuple[str, ...] | None = None  # granted
 
     @property
     def code(self) -> str:
@@ -258,7 +265,7 @@ async def token(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     service = runtime.service  # one generation for the whole request, even across a reload
     started = time.perf_counter()
-    outcome = Outcome()
+    outcome = Outcome(peer=request.remote)
     try:
         answer = token_response(await _exchange(request, service, outcome))
     except ExchangeError as e:
@@ -275,7 +282,9 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     form = await read_form(request)
     exchange_request = parse_token_request(form)
     outcome.subject = subject_hash(exchange_request.subject_token)
+    outcome.audience, outcome.resource = exchange_request.audience, exchange_request.resource
     presented = presented_credentials(authorization(request), form)
+    outcome.presented_client = presented.client_ids[0] if presented.client_ids else None
     client = await service.auth.authenticate(presented, now=time.time())
     outcome.client = client.client_id
     CLIENT_ID.set(client.client_id)
@@ -283,6 +292,7 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     service.limiter.check(client.client_id)
     response = await service.core.exchange(exchange_request, client=client)
     outcome.jti = str(response.claims.get("jti"))
+    outcome.scope = response.scope
     return response
 
 
@@ -295,17 +305,30 @@ def authorization(request: web.Request) -> str | None:
 
 
 def _audit(outcome: Outcome) -> None:
-    audit_log.info(
-        "token exchange",
-        extra={
-            "client": outcome.client,
-            "zone": outcome.zone,
-            "outcome": outcome.code,
-            "jti": outcome.jti,
-            "subject": outcome.subject,
-            "reason": outcome.error.description if outcome.error else None,
-        },
-    )
+    """One audit line per token request; a failed client authentication is a warning naming
+    the client id it claimed (an id is not a secret) and the peer address."""
+    fields = {
+        "client": outcome.client,
+        "zone": outcome.zone,
+        "audience": _bounded(outcome.audience),
+        "resource": _bounded(outcome.resource),
+        "scope": " ".join(outcome.scope) if outcome.scope is not None else None,
+        "outcome": outcome.code,
+        "jti": outcome.jti,
+        "subject": outcome.subject,
+        "peer": outcome.peer,
+        "reason": outcome.error.description if outcome.error else None,
+    }
+    if isinstance(outcome.error, InvalidClient):
+        fields["presented_client"] = _bounded((outcome.presented_client or "",))[0] or None
+        audit_log.warning("client authentication failed", extra=fields)
+        return
+    audit_log.info("token exchange", extra=fields)
+
+
+def _bounded(values: tuple[str, ...]) -> list[str]:
+    """Request values for a log line: at most 8, each cut to 200 characters."""
+    return [v[:MAX_LOGGED_VALUE] for v in values[:8]]
 
 
 # -- documents, health, metrics ----------------------------------------------------------------
@@ -321,14 +344,12 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
+    return liveness()
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: config and keys loaded. An upstream OP being down does not make us unready."""
-    if request.app[RUNTIME].ready:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not ready"}, status=503)
+    return readiness({"config_and_keys_loaded": request.app[RUNTIME].ready})
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
