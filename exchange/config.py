@@ -10,7 +10,15 @@ from typing import Any
 
 import jwt
 
-from runtime.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+from exchange.keys import SigningKey, parse_private_key, signing_key
+from runtime.configload import (
+    READ_SECRETS,
+    ConfigError,
+    Node,
+    load_document,
+    parse_listen,
+    read_document,
+)
 
 DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 ALLOWED_ALGORITHMS = frozenset(
@@ -58,6 +66,9 @@ class ZoneConfig:
     signing_key_file: Path | None = None
     next_signing_key_file: Path | None = None
     signing_alg: str | None = None  # RSA keys: RS256 (default) or PS256; others follow the key
+    # The keys of the files above, read once with the config (None: no file, or not readable)
+    signing_key: SigningKey | None = field(default=None, repr=False, compare=False)
+    next_signing_key: SigningKey | None = field(default=None, repr=False, compare=False)
     claims: ClaimMapping = ClaimMapping()
 
 
@@ -211,7 +222,9 @@ def _read_zone(name: str, node: Node) -> ZoneConfig:
         token_lifetime=node.integer("token_lifetime", 300, minimum=1, maximum=86400),
         signing_key_file=node.path_value("signing_key_file"),
         next_signing_key_file=node.path_value("next_signing_key_file"),
-        signing_alg=node.choice("signing_alg", SIGNING_ALGORITHMS, None),
+        signing_alg=(alg := node.choice("signing_alg", SIGNING_ALGORITHMS, None)),
+        signing_key=_zone_key(node, "signing_key_file", alg),
+        next_signing_key=_zone_key(node, "next_signing_key_file", alg),
         claims=mapping,
     )
     for resource in zone.resources:
@@ -221,6 +234,24 @@ def _read_zone(name: str, node: Node) -> ZoneConfig:
         node.error("audiences", "give at least one audience or resource that selects this zone")
     node.finish()
     return zone
+
+
+def _zone_key(node: Node, key: str, alg: str | None) -> SigningKey | None:
+    """The signing key in the PEM file ``key`` names, read now so that every config error,
+    key files included, is reported in one run. Private keys are secrets: under
+    ``secrets_unread()`` they are not read."""
+    if not READ_SECRETS.get():
+        node.path_value(key)
+        return None
+    found = node.file_bytes(key)
+    if found is None:
+        return None
+    path, pem = found
+    try:
+        return signing_key(parse_private_key(pem, str(path)), alg)
+    except ValueError as e:
+        node.error(key, str(e))
+        return None
 
 
 RESERVED_CLAIMS = frozenset(
@@ -347,7 +378,7 @@ def _check_targets_unique(node: Node, zones: dict[str, ZoneConfig]) -> None:
 
 def load_exchange_config(path: Path) -> ExchangeConfig:
     """Load and validate an exchange config file; raises ConfigError listing every problem."""
-    return parse_exchange_config(load_yaml(path), path.parent)
+    return parse_exchange_config(load_document(path, "exchange"), path.parent)
 
 
 def parse_exchange_config(data: Any, base_dir: Path, path: str = "") -> ExchangeConfig:

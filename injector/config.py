@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.configload import Node, load_yaml, parse_listen, read_document
+from runtime.configload import Node, load_document, parse_listen, read_document
 
 INJECT_LABEL = "zonegate.io/inject"
 CONFIG_ANNOTATION = "zonegate.io/config"
@@ -159,4 +159,4 @@ def parse_injector_config(data: Any, base_dir: Path) -> InjectorConfig:
 
 def load_injector_config(path: Path) -> InjectorConfig:
     """Load and validate an injector config file; raises ConfigError listing every problem."""
-    return parse_injector_config(load_yaml(path), path.parent)
+    return parse_injector_config(load_document(path, "injector"), path.parent)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +26,8 @@ _MISSING: Any = object()
 # When a set, every key path read is recorded (``routes[].audience``): the test that keeps the
 # loader, the JSON Schema and docs/configuration.md in agreement switches it on.
 READ_KEYS: set[str] | None = None
+READ_SECRETS: ContextVar[bool] = ContextVar("read_secrets", default=True)
+UNREAD_SECRET = "<not read>"
 
 
 class ConfigError(Exception):
@@ -36,12 +40,22 @@ class ConfigError(Exception):
 
 @dataclass
 class Problems:
-    """Collects every problem found while reading one document."""
+    """Collects every problem found while reading one document, one per cause: once a value
+    is known bad (an unset environment variable, an unreadable file), later complaints about
+    the same path are left out (they would only repeat the cause, misleadingly)."""
 
     lines: list[str] = field(default_factory=list)
+    blamed: set[str] = field(default_factory=set)
 
     def add(self, path: str, message: str) -> None:
+        if path in self.blamed:
+            return
         self.lines.append(f"{path or '<top>'}: {message}")
+
+    def blame(self, path: str, message: str) -> None:
+        """Report ``message`` and stay quiet about ``path`` from now on."""
+        self.add(path, message)
+        self.blamed.add(path)
 
 
 class Node:
@@ -159,8 +173,14 @@ class Node:
         return (self.base_dir / os.path.expanduser(value)).resolve()
 
     def secret(self, key: str) -> str | None:
-        """``key`` inline (``${ENV}`` allowed) or ``key_file`` read from a file; not both."""
+        """``key`` inline (``${ENV}`` allowed) or ``key_file`` read from a file; not both.
+        Under ``secrets_unread()`` neither is read: a given secret stands as a placeholder."""
         file_key = f"{key}_file"
+        if not READ_SECRETS.get():
+            given = self.has(key) or self.has(file_key)
+            self._read(key)
+            self._read(file_key)
+            return UNREAD_SECRET if given else None
         inline: str | None = self.text(key, None)
         if not self.has(file_key):
             return inline
@@ -174,7 +194,22 @@ class Node:
         try:
             return path.read_text().strip()
         except (OSError, UnicodeDecodeError) as e:
-            self.error(file_key, f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+            self.problems.blame(
+                self.at(file_key), f"cannot read {path}: {getattr(e, 'strerror', None) or e}"
+            )
+            self.problems.blamed.add(self.at(key))
+            return None
+
+    def file_bytes(self, key: str) -> tuple[Path, bytes] | None:
+        """The path ``key`` names and the file's bytes; None when absent or unreadable (then
+        the problem is recorded at ``key``)."""
+        path = self.path_value(key)
+        if path is None:
+            return None
+        try:
+            return path, path.read_bytes()
+        except OSError as e:
+            self.problems.blame(self.at(key), f"cannot read {path}: {e.strerror}")
             return None
 
     def child(self, key: str, *, required: bool = False) -> Node:
@@ -213,7 +248,11 @@ class Node:
         def lookup(m: re.Match[str]) -> str:
             name = m.group(1)
             if name not in os.environ:
-                self.error(key, f"environment variable {name} is not set")
+                self.problems.blame(
+                    self.at(key),
+                    f"environment variable {name} is not set (set it, or write the value)",
+                )
+                self.problems.blamed.add(self.at(re.sub(r"_file$", "", key)))
                 return ""
             return os.environ[name]
 
@@ -227,7 +266,8 @@ def _kind(value: Any) -> str:
 
 
 def load_yaml(path: Path) -> Any:
-    """Parse a YAML file, turning every failure into a ConfigError naming the file."""
+    """Parse a YAML file, turning every failure into a ConfigError naming the file (and the
+    line and column of a syntax error)."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -237,7 +277,59 @@ def load_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError([f"{path}: not valid YAML: {e}"]) from e
+        raise ConfigError([yaml_problem(path, e)]) from e
+
+
+def yaml_problem(path: Path, e: yaml.YAMLError) -> str:
+    """``file:line:column: not valid YAML: what`` (PyYAML counts from 0, editors from 1)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(
+        str(part) for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part
+    )
+    return f"{where}: not valid YAML: {what or type(e).__name__}"
+
+
+KINDS = ("sidecar", "exchange", "injector")
+
+
+def config_kind(document: Any) -> str:
+    """Which program a config document is for: sidecar (routes), injector (image), exchange."""
+    if isinstance(document, dict):
+        if "routes" in document:
+            return "sidecar"
+        if "image" in document:
+            return "injector"
+    return "exchange"
+
+
+def load_document(path: Path, kind: str) -> Any:
+    """The YAML document of a ``kind`` config; another program's config is one clear error."""
+    document = load_yaml(path)
+    found = config_kind(document)
+    if found != kind:
+        raise ConfigError(
+            [
+                f"{path}: this is {_a(found)} config, not {_a(kind)} config "
+                f"(run `zonegate {found} --config {path}`, or `zonegate check {path}`)"
+            ]
+        )
+    return document
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+@contextmanager
+def secrets_unread() -> Iterator[None]:
+    """Read configs without their secrets (``zonegate explain`` needs none): ``*_file``
+    secrets are not opened and stand as a placeholder."""
+    token = READ_SECRETS.set(False)
+    try:
+        yield
+    finally:
+        READ_SECRETS.reset(token)
 
 
 def read_document(data: Any, base_dir: Path, build: Callable[[Node], T], path: str = "") -> T:

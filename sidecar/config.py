@@ -22,7 +22,14 @@ from exchange.errors import InvalidRequest
 from exchange.keys import KeyRing, SigningKey, signing_key
 from exchange.server.keyfiles import load_keyring, load_private_key
 from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, parse_scope
-from runtime.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+from runtime.configload import (
+    ConfigError,
+    Node,
+    load_document,
+    load_yaml,
+    parse_listen,
+    read_document,
+)
 
 REQUESTED_TOKEN_TYPES = {
     "access_token": TOKEN_TYPE_ACCESS_TOKEN,
@@ -385,4 +392,4 @@ def parse_sidecar_config(data: Any, base_dir: Path) -> SidecarConfig:
 
 def load_sidecar_config(path: Path) -> SidecarConfig:
     """Load and validate a sidecar config file; raises ConfigError listing every problem."""
-    return parse_sidecar_config(load_yaml(path), path.parent)
+    return parse_sidecar_config(load_document(path, "sidecar"), path.parent)

@@ -23,6 +23,7 @@ import yaml
 from exchange.config import parse_exchange_config
 from injector.config import InjectorConfig, parse_injector_config
 from injector.review import answer_review
+from runtime.configload import secrets_unread
 from sidecar.config import parse_sidecar_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,7 +278,8 @@ def test_exchange_config_is_valid_and_reads_keys_from_the_secret_mount(
     """The exchange config in the ConfigMap loads and its signing keys live in the Secret volume."""
     docs = rendered[name]
     document = config_file(docs, "zonegate-exchange", "exchange.yaml")
-    config = parse_exchange_config(document, Path("/"))
+    with secrets_unread():  # the key files live in the cluster's Secret, not here
+        config = parse_exchange_config(document, Path("/"))
     template = find(docs, "Deployment", "zonegate-exchange")["spec"]["template"]
     (container,) = template["spec"]["containers"]
     mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "keys")
@@ -490,9 +492,10 @@ def test_example_frontend_gets_a_valid_sidecar_from_the_shipped_injector(
 def test_example_client_is_the_frontend_service_account(rendered: dict[str, Docs]) -> None:
     """The exchange client the example sidecar uses is the frontend's service account."""
     docs = rendered["examples/shop"]
-    exchange = parse_exchange_config(
-        config_file(docs, "zonegate-exchange", "exchange.yaml"), Path("/")
-    )
+    with secrets_unread():  # the key files live in the cluster's Secret
+        exchange = parse_exchange_config(
+            config_file(docs, "zonegate-exchange", "exchange.yaml"), Path("/")
+        )
     frontend = find(docs, "Deployment", "frontend")
     account = frontend["spec"]["template"]["spec"]["serviceAccountName"]
     sidecar = config_file(docs, "frontend-zonegate", "sidecar.yaml")

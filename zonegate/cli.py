@@ -8,9 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime.configload import load_yaml
+from runtime.configload import config_kind, load_yaml
 from runtime.program import add_program_arguments, guarded
-from zonegate.kinds import config_kind
 
 
 def main(argv: Sequence[str] | None = None) -> int:

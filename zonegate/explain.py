@@ -15,12 +15,12 @@ from exchange import mint
 from exchange.config import ExchangeConfig, load_exchange_config
 from exchange.core import ExchangeCore, Trace, subject_hash
 from exchange.errors import ExchangeError
+from exchange.keys import KeyRing, ZoneKeys, generate_private_key, signing_key
 from exchange.server.wiring import build_core
 from exchange.tokens import TokenExchangeRequest, parse_scope
 from exchange.validate import peek
-from runtime.configload import load_yaml
+from runtime.configload import config_kind, load_yaml, secrets_unread
 from sidecar.config import EmbeddedExchange, load_sidecar_config
-from zonegate.kinds import config_kind
 
 
 def read_token(value: str) -> str:
@@ -28,20 +28,35 @@ def read_token(value: str) -> str:
     if value == "-":
         return sys.stdin.read().strip()
     if value.startswith("@"):
-        return Path(value[1:]).read_text().strip()
+        path = Path(value[1:])
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = getattr(e, "strerror", None) or "not UTF-8 text"
+            raise SystemExit(
+                f"zonegate explain: cannot read the subject token from {path}: {reason}"
+            ) from e
     return value.strip()
 
 
 def load_config(path: Path) -> tuple[ExchangeConfig, str | None]:
-    """The exchange config (and client), from an exchange config or an embedded sidecar config."""
-    if config_kind(load_yaml(path)) != "sidecar":
-        return load_exchange_config(path), None
-    exchange = load_sidecar_config(path).exchange
+    """The exchange config (and client), from an exchange config or an embedded sidecar config.
+    Client secrets are not read: explain authenticates nobody."""
+    with secrets_unread():
+        if config_kind(load_yaml(path)) != "sidecar":
+            return load_exchange_config(path), None
+        exchange = load_sidecar_config(path).exchange
     if not isinstance(exchange, EmbeddedExchange):
         raise SystemExit(
             f"{path}: the sidecar's exchange is remote; run explain with the exchange server's config"
         )
     return exchange.core, exchange.client_id
+
+
+def placeholder_keys(config: ExchangeConfig) -> KeyRing:
+    """Throwaway zone keys: explain decides and signs nothing, so it needs no key files."""
+    key = signing_key(generate_private_key("ES256"))
+    return KeyRing({zone: ZoneKeys(key) for zone in config.zones})
 
 
 def pick_clients(config: ExchangeConfig, wanted: str | None, default: str | None) -> list[str]:
@@ -59,7 +74,7 @@ async def explain(
     config: ExchangeConfig, request: TokenExchangeRequest, client_ids: list[str], out: TextIO
 ) -> int:
     """Print the decision for ``request`` per client; 0 when a token would be issued to one."""
-    core = build_core(config)
+    core = build_core(config, keys=placeholder_keys(config))  # explain signs nothing
     size = len(request.subject_token)
     out.write(f"subject token sha256:{subject_hash(request.subject_token)} ({size} bytes)\n")
     _describe_unverified(request.subject_token, out, config.max_token_size)

@@ -40,6 +40,17 @@ def write_private_key(key: PrivateKey, path: Path) -> None:
         f.write(private_key_pem(key))
 
 
+def zone_keys(zone: ZoneConfig) -> ZoneKeys:
+    """A zone's keys as its config read them (parse once); a key the config could not read is
+    read from its file here, to fail with its reason; no file at all: an ephemeral key."""
+    complete = zone.signing_key is not None and (
+        zone.next_signing_key_file is None or zone.next_signing_key is not None
+    )
+    if zone.signing_key is None or not complete:
+        return read_zone_keys(zone)
+    return ZoneKeys(zone.signing_key, zone.next_signing_key)
+
+
 def read_zone_keys(zone: ZoneConfig) -> ZoneKeys:
     """A zone's current and next keys from its files; without a file, an ephemeral key."""
     if zone.signing_key_file is None:
@@ -70,7 +81,7 @@ class KeyFiles:
         errors = []
         for name, zone in self._zones.items():
             try:
-                loaded[name] = self._watches[name].load(partial(read_zone_keys, zone))
+                loaded[name] = self._watches[name].load(partial(zone_keys, zone))
             except ValueError as e:
                 errors.append(f"zones.{name}.signing_key_file: {e}")
         if errors:
