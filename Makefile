@@ -23,7 +23,7 @@ tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
-	@missing=""; for t in wrk hey; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in wrk hey curl; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	  [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$$missing nginx-light"; \
 	  [ -z "$$missing" ] || { echo "installing$$missing"; apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }

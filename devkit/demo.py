@@ -65,7 +65,11 @@ def bind(port: int) -> socket.socket:
     """A listening socket on 127.0.0.1 (port 0: any free port)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"127.0.0.1:{port}: {e.strerror}") from e
     return sock
 
 
@@ -374,5 +378,9 @@ def main(*, once: bool, remote: bool) -> int:
     try:
         return asyncio.run(run(once, remote))
     except OSError as e:
-        print(f"zonegate demo: cannot listen: {e} (is another demo running?)", file=sys.stderr)
+        print(
+            f"zonegate demo: cannot listen on {e.strerror} (is another demo running? "
+            "`zonegate demo --once` uses free ports)",
+            file=sys.stderr,
+        )
         return 1

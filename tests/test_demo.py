@@ -134,3 +134,32 @@ async def test_explain_without_client_walks_every_client(
     assert code == 0, out + err
     assert "client reports:" in out and "client shop-frontend:" in out
     assert out.count("would issue a token") == 2
+
+
+def test_a_taken_demo_port_is_named() -> None:
+    """When a fixed demo port is taken, the message names it and there is no traceback."""
+    import socket as socket_module
+    import subprocess
+    import sys
+
+    from devkit.demo import PORTS
+
+    holder = socket_module.socket()
+    holder.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", PORTS["sidecar"]))
+    except OSError:
+        holder.close()
+        pytest.skip(f"port {PORTS['sidecar']} is in use by something else already")
+    holder.listen()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "zonegate.cli", "demo"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert f"127.0.0.1:{PORTS['sidecar']}" in result.stderr and "Traceback" not in result.stderr
