@@ -12,7 +12,17 @@ from typing import Any
 
 from runtime.configload import Node, load_document, parse_listen, read_document
 
-INJECT_LABEL = "zonegate.io/inject"
+INJECT_LABEL = "zonegate.io/inject"  # on a pod: "true" opts in, "false" opts out
+NAMESPACE_ENABLED = "enabled"  # zonegate.io/inject=enabled on a namespace: every pod unless "false"
+LOG_LEVEL_ANNOTATION = "zonegate.io/log-level"
+# Per-pod resource overrides of the injected container: annotation -> (requests|limits, resource)
+RESOURCE_ANNOTATIONS = {
+    "zonegate.io/proxy-cpu-request": ("requests", "cpu"),
+    "zonegate.io/proxy-memory-request": ("requests", "memory"),
+    "zonegate.io/proxy-cpu-limit": ("limits", "cpu"),
+    "zonegate.io/proxy-memory-limit": ("limits", "memory"),
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 CONFIG_ANNOTATION = "zonegate.io/config"
 STATUS_ANNOTATION = "zonegate.io/status"
 STATUS_INJECTED = "injected"
@@ -53,14 +63,13 @@ class InjectorConfig:
     tls_cert_file: Path
     tls_key_file: Path
     listen: tuple[str, int] = ("0.0.0.0", 8443)
+    metrics_listen: tuple[str, int] | None = ("0.0.0.0", 9090)  # plain HTTP /metrics
     tls_reload_interval: float = 10.0
     image_pull_policy: str = "IfNotPresent"
     proxy_port: int = 4480
     admin_port: int = 4490
     config_mount_path: str = "/etc/zonegate"
-    resources: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {"requests": {"cpu": "20m", "memory": "48Mi"}}
-    )
+    resources: dict[str, dict[str, str]] = field(default_factory=lambda: default_resources())
     service_account_token: TokenProjection | None = None
     http_proxy: HttpProxyEnv | None = None
     cluster_domain: str = "cluster.local"
@@ -68,6 +77,12 @@ class InjectorConfig:
     @property
     def sidecar_config_path(self) -> str:
         return f"{self.config_mount_path.rstrip('/')}/{SIDECAR_CONFIG_FILE}"
+
+
+def default_resources() -> dict[str, dict[str, str]]:
+    """Requests and limits of the injected sidecar, from measured figures (docs/kubernetes.md
+    "Sizing"): it idles at about 55 MB resident and stays under 80 MB under load."""
+    return {"requests": {"cpu": "20m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
 
 
 def read_injector(node: Node) -> InjectorConfig:
@@ -81,6 +96,7 @@ def read_injector(node: Node) -> InjectorConfig:
         tls_cert_file=_required_path(node, "tls_cert_file"),
         tls_key_file=_required_path(node, "tls_key_file"),
         listen=parse_listen(node, "listen", "0.0.0.0:8443"),
+        metrics_listen=_metrics_listen(node),
         tls_reload_interval=node.number("tls_reload_interval", 10.0, minimum=0.05, maximum=3600),
         image_pull_policy=node.choice("image_pull_policy", PULL_POLICIES, "IfNotPresent"),
         proxy_port=sidecar.integer("proxy_port", 4480, minimum=1, maximum=65535),
@@ -96,6 +112,13 @@ def read_injector(node: Node) -> InjectorConfig:
     sidecar.finish()
     node.finish()
     return config
+
+
+def _metrics_listen(node: Node) -> tuple[str, int] | None:
+    """Where /metrics is served over plain HTTP (``metrics_listen: ""`` turns it off)."""
+    if node.has("metrics_listen") and node.raw("metrics_listen") == "":
+        return None
+    return parse_listen(node, "metrics_listen", "0.0.0.0:9090")
 
 
 def _required_path(node: Node, key: str) -> Path:
@@ -116,7 +139,7 @@ def _absolute(node: Node, key: str, default: str) -> str:
 def _read_resources(node: Node) -> dict[str, dict[str, str]]:
     if not node.data:
         node.finish()
-        return {"requests": {"cpu": "20m", "memory": "48Mi"}}
+        return default_resources()
     out: dict[str, dict[str, str]] = {}
     for kind in ("requests", "limits"):
         amounts = node.child(kind)

@@ -6,9 +6,12 @@ cause) and raises ``InvalidReview`` for a request that is not an AdmissionReview
 I/O edge (``injector.server``) is an aiohttp app on ``POST /mutate`` served over TLS; the certificate and key are
 reloaded when their files change (cert-manager renews them in place) and on SIGHUP.
 
-The contract (docs/kubernetes.md): label ``zonegate.io/inject: "true"`` opts in, the
-annotation ``zonegate.io/config`` names the ConfigMap, ``zonegate.io/status: injected`` marks
-the pod, and the sidecar is a native sidecar (an init container with ``restartPolicy: Always``).
+The contract (docs/kubernetes.md): the pod label ``zonegate.io/inject: "true"`` opts a pod in;
+the namespace label ``zonegate.io/inject=enabled`` opts in every pod of the namespace that is
+not labelled ``"false"`` (the API server sends those to ``/mutate/namespace``); the annotation
+``zonegate.io/config`` names the ConfigMap, ``zonegate.io/status: injected`` marks the pod,
+per-pod annotations adjust resources and log level, and the sidecar is a native sidecar (an
+init container with ``restartPolicy: Always``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from injector.config import (
     CONFIG_VOLUME,
     DNS_SUBDOMAIN,
     INJECT_LABEL,
+    LOG_LEVEL_ANNOTATION,
+    LOG_LEVELS,
     OPERATIONS,
+    QUANTITY,
+    RESOURCE_ANNOTATIONS,
     REVIEW_API_VERSION,
     SIDECAR_CONFIG_FILE,
     SIDECAR_NAME,
@@ -115,20 +122,26 @@ def parse_review(body: bytes) -> Review:
     )
 
 
-def decide(review: Review, config: InjectorConfig) -> Decision:
-    """Inject, skip or refuse the pod in ``review``."""
+def decide(review: Review, config: InjectorConfig, *, namespace_enabled: bool = False) -> Decision:
+    """Inject, skip or refuse the pod in ``review``. ``namespace_enabled``: the review came
+    through the webhook for namespaces labelled ``zonegate.io/inject=enabled``."""
     if review.kind != "Pod" or review.operation != "CREATE" or review.pod is None:
         return Decision(
             review.uid, "skipped", f"not a pod creation ({review.kind} {review.operation})"
         )
     try:
-        return _decide_pod(review.uid, review.pod, config)
+        return _decide_pod(review.uid, review.pod, config, namespace_enabled)
     except Refused as e:
         return Decision(review.uid, "refused", str(e))
 
 
-def _decide_pod(uid: str, pod: dict[str, Any], config: InjectorConfig) -> Decision:
-    if _mapping(_mapping(pod, "metadata"), "labels").get(INJECT_LABEL) != "true":
+def _decide_pod(
+    uid: str, pod: dict[str, Any], config: InjectorConfig, namespace_enabled: bool
+) -> Decision:
+    label = _mapping(_mapping(pod, "metadata"), "labels").get(INJECT_LABEL)
+    if label == "false":
+        return Decision(uid, "skipped", f"pod opts out with label {INJECT_LABEL}=false")
+    if label != "true" and not namespace_enabled:
         return Decision(uid, "skipped", f"pod has no label {INJECT_LABEL}=true")
     if _already_injected(pod):
         return Decision(uid, "already-injected", "sidecar already present")
@@ -152,13 +165,15 @@ def admission_response(decision: Decision) -> dict[str, Any]:
     return {"apiVersion": REVIEW_API_VERSION, "kind": "AdmissionReview", "response": response}
 
 
-def answer_review(body: bytes, config: InjectorConfig) -> tuple[dict[str, Any], Review, Decision]:
+def answer_review(
+    body: bytes, config: InjectorConfig, *, namespace_enabled: bool = False
+) -> tuple[dict[str, Any], Review, Decision]:
     """Bytes of an AdmissionReview in; the reply, the review and the decision out.
 
     Raises InvalidReview for a body that is not an AdmissionReview v1 request.
     """
     review = parse_review(body)
-    decision = decide(review, config)
+    decision = decide(review, config, namespace_enabled=namespace_enabled)
     return admission_response(decision), review, decision
 
 
@@ -200,14 +215,16 @@ def pointer(*parts: str | int) -> str:
 def pod_patch(pod: dict[str, Any], config: InjectorConfig) -> list[dict[str, Any]]:
     """The JSONPatch (RFC 6902) that adds the sidecar to ``pod``; Refused when it cannot."""
     metadata, spec = _mapping(pod, "metadata"), _mapping(pod, "spec")
-    config_map = _config_map_name(_mapping(metadata, "annotations"))
+    annotations = _mapping(metadata, "annotations")
+    config_map = _config_map_name(annotations)
     _check_pod(spec, config)
+    container = sidecar_container(config, pod_overrides(annotations))
     volumes = [{"name": CONFIG_VOLUME, "configMap": {"name": config_map}}]
     if config.service_account_token is not None:
         volumes.append(_token_volume(config.service_account_token))
     patch = [
         *_spec_if_null(pod),
-        *_insert_first(spec, "initContainers", sidecar_container(config)),
+        *_insert_first(spec, "initContainers", container),
         *_append_all(spec, ("spec",), "volumes", volumes),
         *_proxy_env_patch(spec, config),
         *_annotations_patch(_new_annotations(metadata, config)),
@@ -219,9 +236,9 @@ def _config_map_name(annotations: dict[str, Any]) -> str:
     name = annotations.get(CONFIG_ANNOTATION)
     if name is None:
         raise Refused(
-            f"pod is labelled {INJECT_LABEL}=true but has no annotation {CONFIG_ANNOTATION} "
-            f"naming the ConfigMap that holds {SIDECAR_CONFIG_FILE}; add the annotation, or "
-            "remove the label"
+            f"pod opted in to zonegate ({INJECT_LABEL}) but has no annotation "
+            f"{CONFIG_ANNOTATION} naming the ConfigMap that holds {SIDECAR_CONFIG_FILE}; add "
+            f"the annotation, or label the pod {INJECT_LABEL}=false"
         )
     if not isinstance(name, str) or len(name) > 253 or not DNS_SUBDOMAIN.match(name):
         raise Refused(f"annotation {CONFIG_ANNOTATION}={name!r} is not a valid ConfigMap name")
@@ -252,7 +269,44 @@ def _containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from _list(spec, "containers")
 
 
-def sidecar_container(config: InjectorConfig) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What a pod's annotations change in its sidecar."""
+
+    resources: dict[str, dict[str, str]]
+    log_level: str | None = None
+
+
+def pod_overrides(annotations: dict[str, Any]) -> Overrides:
+    """Resources and log level from the pod's annotations; a bad value refuses the pod."""
+    resources: dict[str, dict[str, str]] = {}
+    for name, (kind, resource) in RESOURCE_ANNOTATIONS.items():
+        value = annotations.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not QUANTITY.match(value):
+            raise Refused(
+                f"annotation {name}={value!r} is not a Kubernetes quantity (e.g. 50m, 96Mi)"
+            )
+        resources.setdefault(kind, {})[resource] = value
+    level = annotations.get(LOG_LEVEL_ANNOTATION)
+    if level is not None and (not isinstance(level, str) or level.upper() not in LOG_LEVELS):
+        raise Refused(
+            f"annotation {LOG_LEVEL_ANNOTATION}={level!r} must be one of {', '.join(LOG_LEVELS)}"
+        )
+    return Overrides(resources, level.upper() if isinstance(level, str) else None)
+
+
+def _resources(config: InjectorConfig, overrides: Overrides) -> dict[str, dict[str, str]]:
+    merged = {kind: dict(amounts) for kind, amounts in config.resources.items()}
+    for kind, amounts in overrides.resources.items():
+        merged.setdefault(kind, {}).update(amounts)
+    return merged
+
+
+def sidecar_container(
+    config: InjectorConfig, overrides: Overrides = Overrides({})
+) -> dict[str, Any]:
     """The native sidecar: an init container that keeps running (restartPolicy Always)."""
     readyz = {"httpGet": {"path": "/readyz", "port": "zonegate-admin"}}
     mounts: list[dict[str, Any]] = [
@@ -270,7 +324,12 @@ def sidecar_container(config: InjectorConfig) -> dict[str, Any]:
         "name": SIDECAR_NAME,
         "image": config.image,
         "imagePullPolicy": config.image_pull_policy,
-        "args": ["sidecar", "--config", config.sidecar_config_path],
+        "args": [
+            "sidecar",
+            "--config",
+            config.sidecar_config_path,
+            *(["--log-level", overrides.log_level] if overrides.log_level else []),
+        ],
         "restartPolicy": "Always",
         "ports": [
             {"name": "zonegate-proxy", "containerPort": config.proxy_port, "protocol": "TCP"},
@@ -299,7 +358,7 @@ def sidecar_container(config: InjectorConfig) -> dict[str, Any]:
             "timeoutSeconds": 2,
             "failureThreshold": 3,
         },
-        "resources": config.resources,
+        "resources": _resources(config, overrides),
         "securityContext": {
             "runAsNonRoot": True,
             "readOnlyRootFilesystem": True,

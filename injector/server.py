@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
+from prometheus_client import Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from injector.config import (
     MAX_REVIEW_BYTES,
@@ -28,6 +31,7 @@ from injector.review import (
     pointer,
 )
 from runtime.health import liveness, readiness
+from runtime.telemetry import LATENCY_BUCKETS, program_registry
 from runtime.tls import ReloadingTls
 
 log = logging.getLogger("zonegate.injector")
@@ -36,19 +40,72 @@ log = logging.getLogger("zonegate.injector")
 
 CONFIG_KEY = web.AppKey("injector_config", InjectorConfig)
 TLS_KEY = web.AppKey("injector_tls", ReloadingTls)
+NAMESPACE_PATH = "/mutate/namespace"
 
 
 async def mutate(request: web.Request) -> web.Response:
-    """``POST /mutate``: answer one AdmissionReview."""
+    """``POST /mutate`` (pods labelled ``zonegate.io/inject: "true"``) and ``POST
+    /mutate/namespace`` (every pod of a namespace labelled ``zonegate.io/inject=enabled``):
+    answer one AdmissionReview."""
+    started = time.perf_counter()
+    metrics = request.app[METRICS_KEY]
     if request.content_type != "application/json":
+        metrics.observe("invalid", time.perf_counter() - started)
         return _error(415, f"Content-Type must be application/json, got {request.content_type!r}")
     try:
-        reply, review, decision = answer_review(await request.read(), request.app[CONFIG_KEY])
+        reply, review, decision = answer_review(
+            await request.read(),
+            request.app[CONFIG_KEY],
+            namespace_enabled=request.path == NAMESPACE_PATH,
+        )
     except InvalidReview as e:
         log.warning("invalid admission review: %s", e)
+        metrics.observe("invalid", time.perf_counter() - started)
         return _error(400, str(e))
     _log_decision(review, decision)
+    metrics.observe(decision.outcome, time.perf_counter() - started)
     return web.json_response(reply)
+
+
+class InjectorMetrics:
+    """Admission reviews by outcome and how long they took, with build info and process_*."""
+
+    def __init__(self) -> None:
+        self.registry = program_registry()
+        self.reviews = Counter(
+            "zonegate_injector_reviews",
+            "Admission reviews by outcome: injected, skipped, already-injected, refused, invalid.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "zonegate_injector_review_duration_seconds",
+            "Time to answer one admission review.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe(self, outcome: str, seconds: float) -> None:
+        self.reviews.labels(outcome=outcome).inc()
+        self.duration.observe(seconds)
+
+
+METRICS_KEY = web.AppKey("injector_metrics", InjectorMetrics)
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format of the injector's own registry."""
+    body = generate_latest(request.app[METRICS_KEY].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_app(metrics: InjectorMetrics) -> web.Application:
+    """The plain-HTTP listener for Prometheus (and probes that cannot speak TLS)."""
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", prometheus_metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
 
 
 def _log_decision(review: Review, decision: Decision) -> None:
@@ -89,11 +146,17 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def make_app(config: InjectorConfig, tls: ReloadingTls | None = None) -> web.Application:
+def make_app(
+    config: InjectorConfig,
+    tls: ReloadingTls | None = None,
+    metrics: InjectorMetrics | None = None,
+) -> web.Application:
     """The webhook app; with ``tls`` it polls the certificate files for changes."""
     app = web.Application(client_max_size=MAX_REVIEW_BYTES)
     app[CONFIG_KEY] = config
+    app[METRICS_KEY] = metrics or InjectorMetrics()
     app.router.add_post("/mutate", mutate)
+    app.router.add_post(NAMESPACE_PATH, mutate)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if tls is not None:
@@ -130,8 +193,13 @@ def main(config_path: Path, *, log_level: str) -> int:
     async def on_hup() -> None:
         tls.try_reload()
 
-    listener = Listener("injector", make_app(config, tls), host, port, ssl_context=tls.context)
-    return run(serve([listener], grace=5.0, on_hup=on_hup))
+    metrics = InjectorMetrics()
+    listeners = [
+        Listener("injector", make_app(config, tls, metrics), host, port, ssl_context=tls.context)
+    ]
+    if config.metrics_listen is not None:
+        listeners.append(Listener("metrics", metrics_app(metrics), *config.metrics_listen))
+    return run(serve(listeners, grace=5.0, on_hup=on_hup))
 
 
 __all__ = [

@@ -154,7 +154,10 @@ def test_sidecar_runs_restricted() -> None:
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    assert sidecar["resources"]["requests"] == {"cpu": "20m", "memory": "48Mi"}
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "20m", "memory": "64Mi"},
+        "limits": {"memory": "128Mi"},
+    }
     assert sidecar["readinessProbe"]["httpGet"]["port"] == "zonegate-admin"
 
 
@@ -526,3 +529,83 @@ def test_check_lists_every_injector_config_error_by_yaml_path(
         "http_proxy.enabled: must be true or false",
     ):
         assert expected in err
+
+
+# -- namespace opt-in, per-pod annotations, metrics ---------------------------------------------
+
+
+def without_label(review: dict[str, Any], value: str | None = None) -> dict[str, Any]:
+    changed = copy.deepcopy(review)
+    labels = changed["request"]["object"]["metadata"].setdefault("labels", {})
+    labels.pop("zonegate.io/inject", None)
+    if value is not None:
+        labels["zonegate.io/inject"] = value
+    return changed
+
+
+def namespace_answer(review: dict[str, Any], config: InjectorConfig) -> dict[str, Any]:
+    reply, _, _ = answer_review(json.dumps(review).encode(), config, namespace_enabled=True)
+    response: dict[str, Any] = reply["response"]
+    return response
+
+
+def test_namespace_opt_in_injects_unlabelled_pods() -> None:
+    """Through the namespace webhook a pod without the label gets the sidecar."""
+    review = without_label(review_of("pod-with-label"))
+    assert "patch" not in answer(review, injector_config())  # the label webhook skips it
+    assert len(sidecars(patched_pod(review, namespace_answer(review, injector_config())))) == 1
+
+
+@pytest.mark.parametrize("namespace_enabled", [False, True])
+def test_pod_label_false_opts_out_everywhere(namespace_enabled: bool) -> None:
+    """zonegate.io/inject: "false" wins over a namespace that is enabled."""
+    review = without_label(review_of("pod-with-label"), "false")
+    reply, _, decision = answer_review(
+        json.dumps(review).encode(), injector_config(), namespace_enabled=namespace_enabled
+    )
+    assert decision.outcome == "skipped" and "patch" not in reply["response"]
+
+
+def test_annotations_override_resources_and_log_level() -> None:
+    """Per-pod annotations set the sidecar's requests, limits and log level."""
+    review = review_of("pod-with-label")
+    review["request"]["object"]["metadata"]["annotations"].update(
+        {
+            "zonegate.io/proxy-cpu-request": "50m",
+            "zonegate.io/proxy-memory-limit": "256Mi",
+            "zonegate.io/log-level": "debug",
+        }
+    )
+    (sidecar,) = sidecars(patched_pod(review, answer(review, injector_config())))
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+    assert sidecar["args"][-2:] == ["--log-level", "DEBUG"]
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [("zonegate.io/proxy-memory-request", "lots"), ("zonegate.io/log-level", "chatty")],
+)
+def test_a_bad_annotation_refuses_the_pod_naming_it(annotation: str, value: str) -> None:
+    """A value the kubelet could not use is refused now, with the annotation named."""
+    review = review_of("pod-with-label")
+    review["request"]["object"]["metadata"]["annotations"][annotation] = value
+    response = answer(review, injector_config())
+    assert response["allowed"] is False and annotation in response["status"]["message"]
+
+
+async def test_reviews_are_counted_on_the_metrics_listener(aiohttp_client: ClientFactory) -> None:
+    """/metrics counts reviews by outcome, with build info and process metrics."""
+    from injector.server import InjectorMetrics, metrics_app
+
+    metrics = InjectorMetrics()
+    webhook = await aiohttp_client(make_app(injector_config(), metrics=metrics))
+    scrape = await aiohttp_client(metrics_app(metrics))
+    for path, body in (("/mutate", review_bytes("pod-with-label")), ("/mutate", b"[")):
+        await webhook.post(path, data=body, headers={"Content-Type": "application/json"})
+    text = await (await scrape.get("/metrics")).text()
+    assert 'zonegate_injector_reviews_total{outcome="injected"} 1.0' in text
+    assert 'zonegate_injector_reviews_total{outcome="invalid"} 1.0' in text
+    assert "zonegate_build_info{" in text and "process_resident_memory_bytes" in text

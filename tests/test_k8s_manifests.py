@@ -183,6 +183,17 @@ def test_webhook_configuration_is_as_designed(rendered: dict[str, Docs]) -> None
     ]
     (condition,) = webhook["matchConditions"]
     assert "zonegate.io/status" in condition["expression"] and "injected" in condition["expression"]
+    by_namespace = find(rendered["injector"], "MutatingWebhookConfiguration")["webhooks"][1]
+    assert by_namespace["clientConfig"]["service"]["path"] == "/mutate/namespace"
+    assert {"key": "zonegate.io/inject", "operator": "In", "values": ["enabled"]} in by_namespace[
+        "namespaceSelector"
+    ]["matchExpressions"]
+    assert by_namespace["objectSelector"]["matchExpressions"] == [
+        {"key": "zonegate.io/inject", "operator": "NotIn", "values": ["true", "false"]}
+    ]
+    assert by_namespace["failurePolicy"] == "Fail" and by_namespace["matchConditions"] == [
+        condition
+    ]
 
 
 @pytest.mark.parametrize("name", ["injector", "install", "examples/shop"])
