@@ -129,17 +129,31 @@ class RemoteExchanger:
             raise TemporarilyUnavailable(f"token endpoint unreachable: {type(e).__name__}") from e
 
     async def _discover(self) -> str:
-        assert self.settings.issuer is not None
-        for url in metadata_urls(self.settings.issuer):
+        """The token endpoint of the configured issuer's metadata. RFC 8414 §3.3: a document
+        whose ``issuer`` is not identical to the configured one MUST NOT be used, so no client
+        credential or subject token is ever posted to an endpoint it names."""
+        issuer = self.settings.issuer
+        assert issuer is not None
+        mismatch = ""
+        for url in metadata_urls(issuer):
             try:
                 document, _ = await get_json(self.session, url)
             except DocumentError:
+                continue
+            named = document.get("issuer")
+            if named != issuer:
+                shown = repr(named[:200]) if isinstance(named, str) else "no issuer"
+                mismatch = f"; metadata at {url} names {shown}, not {issuer!r} (RFC 8414 §3.3)"
+                log.warning(
+                    "discovery document ignored: its issuer is not the configured one",
+                    extra={"url": url, "expected_issuer": issuer, "document_issuer": shown},
+                )
                 continue
             endpoint = document.get("token_endpoint")
             if isinstance(endpoint, str) and endpoint.startswith(("http://", "https://")):
                 log.info("token endpoint discovered", extra={"token_endpoint": endpoint})
                 return endpoint
-        raise TemporarilyUnavailable(f"no token_endpoint discovered for {self.settings.issuer}")
+        raise TemporarilyUnavailable(f"no token_endpoint discovered for {issuer}{mismatch}")
 
     async def exchange(self, request: TokenExchangeRequest) -> TokenResponse:
         if self.token_endpoint is None:
