@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jwt
-
-from exchange.keys import SigningKey, parse_private_key, signing_key
+from exchange.keys import SigningKey, parse_private_key, signing_key, verification_key
 from runtime.configload import (
     READ_SECRETS,
     ConfigError,
@@ -290,18 +288,18 @@ def _read_jwks(node: Node) -> dict[str, Any] | None:
         return None
     if not any(_usable_public_key(k) for k in jwks["keys"]):
         node.error(
-            "jwks", "holds no usable public signature key (RSA, EC or OKP; no private or oct keys)"
+            "jwks",
+            "holds no usable public signature key (RSA of 2048 bits or more, EC or OKP; no "
+            "private or oct keys; use sig and key_ops with verify, when given)",
         )
         return None
     return jwks
 
 
 def _usable_public_key(jwk: Any) -> bool:
-    if not isinstance(jwk, dict) or "d" in jwk or jwk.get("kty") not in ("RSA", "EC", "OKP"):
-        return False
     try:
-        jwt.PyJWK(jwk)
-    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        verification_key(jwk)
+    except ValueError:
         return False
     return True
 

@@ -24,6 +24,7 @@ import jwt
 
 from exchange.config import ExchangeConfig
 from exchange.errors import InvalidRequest, TemporarilyUnavailable
+from exchange.keys import verification_key
 from exchange.metadata import openid_configuration_url
 
 log = logging.getLogger("zonegate.issuers")
@@ -218,21 +219,37 @@ class IssuerKeys:
 
 
 def parse_jwks(document: dict[str, Any]) -> dict[str, jwt.PyJWK]:
-    """Usable signature keys of a JWKS by kid; private members and odd keys are skipped."""
+    """The keys of a JWKS that may verify signatures, by kid (``keys.verification_key`` says
+    which may). A kid listed more than once is refused whole, every entry of it, with a
+    warning: a key planted under a genuine kid must not shadow the genuine key, and guessing
+    which of the two is genuine would be exactly that."""
     keys = document.get("keys")
     if not isinstance(keys, list):
         raise FetchFailed("JWKS document has no keys list")
     out: dict[str, jwt.PyJWK] = {}
+    listed: dict[str, int] = {}
+    skipped: list[str] = []
     for i, jwk in enumerate(keys):
-        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
-            continue
-        if "d" in jwk or jwk.get("kty") == "oct":  # private or symmetric: never a verifier
-            continue
+        kid = jwk.get("kid") if isinstance(jwk, dict) else None
+        name = kid if isinstance(kid, str) else f"#{i}"
+        if isinstance(kid, str):
+            listed[kid] = listed.get(kid, 0) + 1
         try:
-            key = jwt.PyJWK(jwk)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            key = verification_key(jwk)
+        except ValueError as e:
+            skipped.append(f"{name[:64]}: {e}")
             continue
-        out[str(jwk.get("kid", f"#{i}"))] = key
+        out[name] = key
+    for kid, count in listed.items():
+        if count > 1:
+            out.pop(kid, None)
+            log.warning(
+                "JWKS lists a kid more than once: none of its keys is used",
+                extra={"kid": kid[:64], "entries": count},
+            )
+    if skipped:
+        log.info("JWKS keys skipped", extra={"skipped": skipped[:16]})
     if not out:
-        raise FetchFailed("JWKS document has no usable signature keys")
+        reasons = "; ".join(skipped[:4]) or "duplicate kids only"
+        raise FetchFailed(f"JWKS document has no usable signature keys ({reasons})")
     return out

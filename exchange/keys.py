@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
@@ -22,6 +23,67 @@ THUMBPRINT_MEMBERS = {
     "EC": ("crv", "kty", "x", "y"),
     "OKP": ("crv", "kty", "x"),
 }
+
+
+# The group orders n of the curves ES256, ES384 and ES512 sign on (FIPS 186-4 D.1.2), by the
+# byte length of r and of s in a JWS signature (RFC 7518 §3.4).
+EC_ORDERS = {
+    32: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    48: int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    66: int(
+        "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA51868783BF"
+        "2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+}
+SIGNATURE_OPS = frozenset({"sign", "verify"})  # RFC 7517 §4.3: what ``use: sig`` agrees with
+
+
+def low_s(signature: bytes) -> bytes:
+    """An ECDSA JWS signature (r || s) in its low-S form: s replaced by n - s when s > n/2.
+    Both verify; the low-S one is the single spelling verifiers that insist on it accept."""
+    size = len(signature) // 2
+    order = EC_ORDERS.get(size)
+    if order is None or len(signature) != 2 * size:
+        return signature
+    s = int.from_bytes(signature[size:], "big")
+    if s <= order // 2:
+        return signature
+    return signature[:size] + (order - s).to_bytes(size, "big")
+
+
+def verification_key(jwk: Any) -> jwt.PyJWK:
+    """A public JWK that may verify signatures; ValueError saying why not.
+
+    Refused: private or symmetric keys; ``use`` other than ``sig``; ``key_ops`` without
+    ``verify``, or with an operation ``use: sig`` does not cover (RFC 7517 §4.3: the two must
+    agree); RSA keys under 2048 bits (RFC 7518 §3.3); anything PyJWT cannot load.
+    """
+    if not isinstance(jwk, dict):
+        raise ValueError("not a JSON object")
+    if "d" in jwk or jwk.get("kty") == "oct":
+        raise ValueError("a private or symmetric key never verifies")
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        raise ValueError(f"use is {str(use)[:20]!r}, not sig")
+    ops = jwk.get("key_ops")
+    if ops is not None:
+        if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+            raise ValueError("key_ops is not a list of strings")
+        if "verify" not in ops:
+            raise ValueError("key_ops does not include verify")
+        if use is not None and not set(ops) <= SIGNATURE_OPS:
+            raise ValueError("use and key_ops disagree (RFC 7517 §4.3)")
+    try:
+        key = jwt.PyJWK(jwk)
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError) as e:
+        raise ValueError("not a usable RSA, EC or OKP public key") from e
+    if isinstance(key.key, rsa.RSAPublicKey) and key.key.key_size < MIN_RSA_BITS:
+        raise ValueError(f"RSA key of {key.key.key_size} bits (at least {MIN_RSA_BITS})")
+    return key
 
 
 @dataclass(frozen=True, slots=True)

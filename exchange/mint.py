@@ -11,7 +11,7 @@ from typing import Any
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.utils import base64url_encode
 
-from exchange.keys import SigningKey
+from exchange.keys import SigningKey, low_s
 from exchange.policy import Decision
 
 ACCESS_TOKEN_TYP = "at+jwt"  # RFC 9068 §2.1
@@ -65,4 +65,6 @@ def sign(claims: dict[str, Any], key: SigningKey) -> str:
     signer = _signer(key)
     signing_input = signer.header + base64url_encode(_COMPACT_JSON(claims).encode())
     signature = signer.algorithm.sign(signing_input, key.private_key)
+    if key.alg.startswith("ES"):  # one spelling per token: the low-S form of the signature
+        signature = low_s(signature)
     return (signing_input + b"." + base64url_encode(signature)).decode()
