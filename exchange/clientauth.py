@@ -12,8 +12,10 @@ Four methods, each named by the client's ``auth`` in config; a client must use i
 * ``client_secret_post`` (RFC 6749 §2.3.1): ``client_id`` and ``client_secret`` in the body;
 * ``private_key_jwt`` (RFC 7523 §2.2, §3): a JWT with ``iss`` = ``sub`` = client id, ``aud`` =
   the token endpoint or the issuer, a short ``exp`` and a ``jti`` that is never accepted twice;
-* ``kubernetes``: a projected service-account token as ``client_assertion`` (jwt-bearer) from a
-  configured cluster issuer, its ``sub`` ``system:serviceaccount:<ns>:<name>`` naming the client.
+* ``kubernetes``: a projected service-account token as ``client_assertion`` (jwt-bearer) from
+  the cluster issuer the client is bound to (``cluster_issuer``), its ``sub``
+  ``system:serviceaccount:<ns>:<name>`` naming the client; the same name from another cluster
+  is another identity, and not this client.
 
 Every key set is parsed once, at construction: the hot path parses no config and no keys.
 Every refusal is ``InvalidClient`` (401) or, for a malformed request, ``InvalidRequest``.
@@ -193,8 +195,11 @@ class ClientAuthenticator:
         root = config.issuer.rstrip("/")
         # RFC 7523 §3: aud identifies the authorization server: its token endpoint or issuer.
         self._audiences = (f"{root}/token", root, f"{root}/")
+        # (cluster issuer, service account) -> client: a client is bound to one cluster
         self._service_accounts = {
-            c.service_account: c for c in self._clients.values() if c.auth == KUBERNETES
+            (c.cluster_issuer, c.service_account): c
+            for c in self._clients.values()
+            if c.auth == KUBERNETES
         }
         self._inline_keys = _inline_keys(self._clients)
         self._remote_keys = {
@@ -302,12 +307,15 @@ class ClientAuthenticator:
                 f"service account token is older than max_token_age ({cluster.max_token_age} s)"
             )
         sub = claims.get("sub")
-        client = self._service_accounts.get(sub) if isinstance(sub, str) else None
+        client = self._service_accounts.get((cluster.issuer, sub)) if isinstance(sub, str) else None
         if client is None:
             shown = (
                 sub if isinstance(sub, str) and sub.startswith(SERVICE_ACCOUNT_PREFIX) else "sub"
             )
-            raise InvalidClient(f"service account {shown[:300]} is not a configured client")
+            raise InvalidClient(
+                f"service account {shown[:300]} of cluster {cluster.issuer} is not a "
+                "configured client"
+            )
         return client
 
 

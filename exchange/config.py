@@ -32,6 +32,9 @@ CLIENT_AUTH_METHODS = (
 )
 ZONE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:[a-z0-9.-]+:[a-z0-9.-]+$")
+TOKEN_TYPE_URN = "urn:ietf:params:oauth:token-type:"
+SUBJECT_TOKEN_TYPES = ("access_token", "id_token", "jwt")  # RFC 8693 §3, short names
+SUBJECT_SCOPES = ("ignore", "intersect")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,9 @@ class TrustedIssuer:
     audiences: tuple[str, ...] | None = None
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     jwks_uri: str | None = None  # skip discovery when given
+    # what a subject_token_type may declare for this issuer's tokens (short names)
+    subject_token_types: tuple[str, ...] = SUBJECT_TOKEN_TYPES
+    require_typ: str | None = None  # "at+jwt": the JOSE typ must say so (RFC 9068 §4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,8 @@ class ClientConfig:
     default_zone: str | None = None
     subject_audiences: tuple[str, ...] | None = None  # subject `aud` values this client may present
     rate_limit: RateLimit | None = None
+    subject_scope: str = "ignore"  # "intersect": granted scope ∩ the subject's scope/scp
+    cluster_issuer: str | None = None  # auth kubernetes: the one cluster whose tokens it accepts
 
     def secret_matches(self, presented: str) -> bool:
         """Constant-time comparison against the stored secret or its SHA-256."""
@@ -153,11 +161,12 @@ def read_exchange(node: Node) -> ExchangeConfig:
     clusters = tuple(_read_cluster_issuer(n) for n in node.children("cluster_issuers"))
     clients: dict[str, ClientConfig] = {}
     for n in node.children("clients", required=True):
-        client = _read_client(n, zones, bool(clusters))
+        client = _read_client(n, zones, clusters)
         if client.client_id in clients:
             n.error("client_id", f"duplicate client_id {client.client_id!r}")
         clients[client.client_id] = client
     _check_targets_unique(node, zones)
+    _check_service_accounts_unique(node, clients)
     config = ExchangeConfig(
         issuer=issuer or "",
         trusted_issuers=trusted,
@@ -200,8 +209,27 @@ def _read_trusted_issuer(node: Node) -> TrustedIssuer:
             )
     jwks_uri = node.text("jwks_uri", None)
     _check_url(node, "jwks_uri", jwks_uri)
+    types = []
+    for value in node.strings("subject_token_types", SUBJECT_TOKEN_TYPES):
+        short = value.removeprefix(TOKEN_TYPE_URN)
+        if short not in SUBJECT_TOKEN_TYPES:
+            node.error(
+                "subject_token_types",
+                f"{value!r} is not a subject token type; use {', '.join(SUBJECT_TOKEN_TYPES)}",
+            )
+        types.append(short)
+    if not types:
+        node.error("subject_token_types", "name at least one type, or leave it out")
+    require_typ = node.choice("require_typ", ("at+jwt",), None)
     node.finish()
-    return TrustedIssuer(issuer or "", audiences, tuple(algorithms), jwks_uri)
+    return TrustedIssuer(
+        issuer or "",
+        audiences,
+        tuple(algorithms),
+        jwks_uri,
+        subject_token_types=tuple(dict.fromkeys(types)),
+        require_typ=require_typ,
+    )
 
 
 def _read_zone(name: str, node: Node) -> ZoneConfig:
@@ -257,11 +285,13 @@ RESERVED_CLAIMS = frozenset(
 )
 
 
-def _read_client(node: Node, zones: dict[str, ZoneConfig], have_clusters: bool) -> ClientConfig:
+def _read_client(
+    node: Node, zones: dict[str, ZoneConfig], clusters: tuple[ClusterIssuer, ...]
+) -> ClientConfig:
+    auth = node.choice("auth", CLIENT_AUTH_METHODS, "client_secret_basic") or "client_secret_basic"
     client = ClientConfig(
         client_id=node.text("client_id") or "",
-        auth=node.choice("auth", CLIENT_AUTH_METHODS, "client_secret_basic")
-        or "client_secret_basic",
+        auth=auth,
         client_secret=node.secret("client_secret"),
         client_secret_sha256=node.text("client_secret_sha256", None),
         jwks=_read_jwks(node),
@@ -272,8 +302,10 @@ def _read_client(node: Node, zones: dict[str, ZoneConfig], have_clusters: bool) 
         default_zone=node.text("default_zone", None),
         subject_audiences=node.strings("subject_audiences", None),
         rate_limit=_read_rate_limit(node),
+        subject_scope=node.choice("subject_scope", SUBJECT_SCOPES, "ignore") or "ignore",
+        cluster_issuer=_cluster_of(node, auth, clusters),
     )
-    _check_client_auth(node, client, have_clusters)
+    _check_client_auth(node, client, bool(clusters))
     _check_client_zones(node, client, zones)
     node.finish()
     return client
@@ -334,6 +366,48 @@ def _check_client_auth(node: Node, client: ClientConfig, have_clusters: bool) ->
             node.error("service_account", "auth kubernetes needs system:serviceaccount:<ns>:<name>")
         if not have_clusters:
             node.error("auth", "auth kubernetes needs a top-level cluster_issuers entry")
+
+
+def _cluster_of(node: Node, auth: str, clusters: tuple[ClusterIssuer, ...]) -> str | None:
+    """The cluster issuer an ``auth: kubernetes`` client is bound to: the one it names, or the
+    only one configured. With several, naming one is required: a service account of the same
+    name in another cluster must not become this client."""
+    named: str | None = node.text("cluster_issuer", None)
+    known = [c.issuer for c in clusters]
+    if auth != "kubernetes":
+        if named is not None:
+            node.error("cluster_issuer", "only a client with auth kubernetes names a cluster")
+        return None
+    if named is None:
+        if len(known) > 1:
+            node.error(
+                "cluster_issuer",
+                "required with more than one cluster_issuers entry: name the cluster whose "
+                f"service-account tokens this client accepts (one of: {', '.join(known)})",
+            )
+        return known[0] if len(known) == 1 else None
+    if named not in known:
+        node.error(
+            "cluster_issuer",
+            f"{named!r} is not a cluster_issuers entry (configured: {', '.join(known) or 'none'})",
+        )
+    return named
+
+
+def _check_service_accounts_unique(node: Node, clients: dict[str, ClientConfig]) -> None:
+    """One client per service account and cluster: two would make the mapping ambiguous."""
+    owner: dict[tuple[str | None, str], str] = {}
+    for client in clients.values():
+        if client.auth != "kubernetes" or client.service_account is None:
+            continue
+        key = (client.cluster_issuer, client.service_account)
+        if key in owner:
+            node.error(
+                "clients",
+                f"clients {owner[key]!r} and {client.client_id!r} both map service account "
+                f"{client.service_account} of cluster {client.cluster_issuer}; one client each",
+            )
+        owner[key] = client.client_id
 
 
 def _check_client_zones(node: Node, client: ClientConfig, zones: dict[str, ZoneConfig]) -> None:

@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exchange import mint, policy, validate
-from exchange.config import DEFAULT_ALGORITHMS, ClientConfig, ExchangeConfig, TrustedIssuer
+from exchange.config import (
+    DEFAULT_ALGORITHMS,
+    TOKEN_TYPE_URN,
+    ClientConfig,
+    ExchangeConfig,
+    TrustedIssuer,
+)
 from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
 from exchange.issuers import Clock, Fetcher, FetchObserver, IssuerKeys
 from exchange.keys import KeyRing
@@ -64,10 +70,13 @@ def _explain_decision(
     note("zone", f"{zone.name} (issuer {config.zone_issuer(zone.name)}) selected by {targets}")
     note("client", f"{client.client_id} may use zones {_words(client.zones)}")
     requested = _words(request.scope) if request.scope is not None else "(omitted: all allowed)"
+    held = ""
+    if client.subject_scope == "intersect":
+        held = f" ∩ subject {_words(policy.subject_scopes(subject))}"
     note(
         "scope",
         f"granted {_words(decision.scope)} = requested {requested} ∩ zone {_words(zone.scopes)}"
-        f" ∩ client {_words(client.scopes)}",
+        f" ∩ client {_words(client.scopes)}{held}",
     )
     remaining = int(float(subject["exp"]) - now)
     note(
@@ -167,21 +176,27 @@ class ExchangeCore:
     ) -> Verified:
         """Validate subject and actor tokens and take the policy decision, minting nothing."""
         note = trace or (lambda step, detail: None)
-        subject = await self._verify_token(request.subject_token, "subject_token", now, note)
+        subject = await self._verify_token(
+            request.subject_token, "subject_token", request.subject_token_type, now, note
+        )
         actor = None
         if request.actor_token is not None:
-            actor = await self._verify_token(request.actor_token, "actor_token", now, note)
+            actor = await self._verify_token(
+                request.actor_token, "actor_token", request.actor_token_type or "", now, note
+            )
         decision = policy.decide(request, client, self.config, self.zone_index, subject, actor, now)
         if trace is not None:
             _explain_decision(trace, request, client, decision, subject, now, self.config)
         return Verified(subject, actor, decision)
 
     async def _verify_token(
-        self, raw: str, what: str, now: float, note: Callable[[str, str], None]
+        self, raw: str, what: str, declared: str, now: float, note: Callable[[str, str], None]
     ) -> dict[str, Any]:
         token = validate.peek(raw, what=what, max_size=self.config.max_token_size)
         trusted = self._trusted_issuer(token)
         note(f"{what} issuer", f"{trusted.issuer} is trusted")
+        validate.check_type(token, declared.removeprefix(TOKEN_TYPE_URN), trusted)
+        note(f"{what} type", f"typ {validate.typ_of(token) or '(none)'} fits {declared}")
         key = await self.issuer_keys[trusted.issuer].key(token.kid)
         note(f"{what} key", f"kid {token.kid} found in the issuer's JWKS")
         claims = validate.verify(

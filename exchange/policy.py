@@ -75,11 +75,39 @@ def authorize_zone(client: ClientConfig, zone: ZoneConfig) -> None:
         )
 
 
+def subject_scopes(subject: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The scopes a subject token carries: ``scope`` (RFC 8693 §4.2, space-separated), or else
+    ``scp`` (a list or a string, as several providers write it); none: ()."""
+    if subject is None:
+        return ()
+    value = subject.get("scope")
+    if value is None:
+        value = subject.get("scp")
+    if isinstance(value, str):
+        return tuple(value.split())
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
 def grant_scope(
-    requested: tuple[str, ...] | None, zone: ZoneConfig, client: ClientConfig
+    requested: tuple[str, ...] | None,
+    zone: ZoneConfig,
+    client: ClientConfig,
+    subject: Mapping[str, Any] | None = None,
 ) -> tuple[str, ...]:
-    """requested ∩ zone ∩ client; anything requested outside that is invalid_scope."""
+    """requested ∩ zone ∩ client (∩ the subject's own scopes, for a client with
+    ``subject_scope: intersect``); anything requested outside that is invalid_scope."""
     allowed = [s for s in zone.scopes if s in client.scopes]
+    if client.subject_scope == "intersect":
+        held = set(subject_scopes(subject))
+        beyond = [s for s in requested or () if s in allowed and s not in held]
+        if beyond:
+            raise InvalidScope(
+                f"scope {quoted(beyond[0])} is not among the subject token's own scopes "
+                f"(client {client.client_id} has subject_scope: intersect)"
+            )
+        allowed = [s for s in allowed if s in held]
     if requested is None:
         return tuple(allowed)
     outside = [s for s in requested if s not in allowed]
@@ -186,7 +214,7 @@ def decide(
     return Decision(
         zone=zone,
         audience=audience,
-        scope=grant_scope(request.scope, zone, client),
+        scope=grant_scope(request.scope, zone, client, subject),
         lifetime=lifetime(zone, subject, now),
         claims=map_claims(zone, subject),
         act=delegate(subject, actor),

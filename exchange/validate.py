@@ -104,6 +104,49 @@ def peek(token: str, *, what: str, max_size: int) -> Unverified:
     return Unverified(header=header, claims=claims, what=what)
 
 
+ACCESS_TOKEN_TYPS = frozenset({"jwt", "at+jwt"})  # RFC 7519 §5.1, RFC 9068 §2.1
+MAX_SHOWN_TYP = 40
+
+
+def typ_of(token: Unverified) -> str | None:
+    """The JOSE ``typ``, lower case with an ``application/`` prefix removed (RFC 7515 §4.1.9)."""
+    typ = token.header.get("typ")
+    if typ is None:
+        return None
+    if not isinstance(typ, str):
+        raise InvalidRequest(f"{token.what} header typ must be a string")
+    return typ.lower().removeprefix("application/")
+
+
+def check_type(token: Unverified, declared: str, issuer: TrustedIssuer) -> None:
+    """Subject token typing (RFC 8725 §3.11, RFC 9068 §4): a token typed as anything but a
+    JWT or an access token (a logout token, a DPoP proof, a security event) is never
+    exchanged; a declared ``id_token`` must not be typed ``at+jwt``; the issuer's
+    ``subject_token_types`` limit what a subject token may be declared as, and its
+    ``require_typ`` makes ``typ: at+jwt`` mandatory. ``declared`` is a short type name."""
+    typ = typ_of(token)
+    if typ is not None and typ not in ACCESS_TOKEN_TYPS:
+        shown = typ[:MAX_SHOWN_TYP]
+        raise InvalidRequest(
+            f"{token.what} is typed {shown!r}, not JWT or at+jwt: such a token is never "
+            "exchanged (RFC 8725 §3.11)"
+        )
+    if token.what == "subject_token" and declared not in issuer.subject_token_types:
+        raise InvalidRequest(
+            f"subject_token_type {declared} is not accepted for tokens of {issuer.issuer} "
+            f"(accepted: {', '.join(issuer.subject_token_types)})"
+        )
+    if declared == "id_token" and typ == "at+jwt":
+        raise InvalidRequest(
+            f"{token.what} is declared an id_token but typed at+jwt (an access token)"
+        )
+    if issuer.require_typ is not None and typ != issuer.require_typ:
+        raise InvalidRequest(
+            f"{token.what} of {issuer.issuer} must be typed {issuer.require_typ} "
+            f"(require_typ), it is typed {typ or 'nothing'}"
+        )
+
+
 def verify(
     token: Unverified,
     raw: str,

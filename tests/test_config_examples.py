@@ -110,6 +110,8 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
             "audiences": ["fe"],
             "algorithms": ["ES256"],
             "jwks_uri": "http://op/jwks",
+            "subject_token_types": ["access_token"],
+            "require_typ": "at+jwt",
         }
     ],
     "zones": {
@@ -134,6 +136,7 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
             "default_zone": "red",
             "subject_audiences": ["fe"],
             "rate_limit": {"rate": 1, "burst": 2},
+            "subject_scope": "intersect",
         },
         {"client_id": "b", "client_secret_sha256": "0" * 64},
         {
@@ -142,7 +145,12 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
             "jwks": {"keys": []},
             "jwks_uri": "http://c/jwks",
         },
-        {"client_id": "d", "auth": "kubernetes", "service_account": "system:serviceaccount:ns:sa"},
+        {
+            "client_id": "d",
+            "auth": "kubernetes",
+            "service_account": "system:serviceaccount:ns:sa",
+            "cluster_issuer": "https://k8s",
+        },
     ],
     "cluster_issuers": [
         {
