@@ -134,6 +134,7 @@ class ExchangeConfig:
     zones: dict[str, ZoneConfig]
     clients: dict[str, ClientConfig]
     listen: tuple[str, int] = ("127.0.0.1", 8081)
+    admin_listen: tuple[str, int] | None = None  # server only: /healthz /readyz /metrics there
     cluster_issuers: tuple[ClusterIssuer, ...] = ()
     leeway: int = 30
     max_token_size: int = 16384
@@ -152,6 +153,9 @@ def read_exchange(node: Node) -> ExchangeConfig:
     issuer = node.text("issuer", "http://127.0.0.1:8081")
     _check_url(node, "issuer", issuer)
     listen = parse_listen(node, "listen", "127.0.0.1:8081")
+    admin_listen = parse_listen(node, "admin_listen", "") if node.has("admin_listen") else None
+    if admin_listen is not None and admin_listen == listen and listen[1] != 0:
+        node.error("admin_listen", "must differ from listen (another port, or leave it out)")
     trusted = tuple(
         _read_trusted_issuer(n) for n in node.children("trusted_issuers", required=True)
     )
@@ -173,6 +177,7 @@ def read_exchange(node: Node) -> ExchangeConfig:
         zones=zones,
         clients=clients,
         listen=listen,
+        admin_listen=admin_listen,
         cluster_issuers=clusters,
         leeway=node.integer("leeway", 30, maximum=600),
         max_token_size=node.integer("max_token_size", 16384, minimum=1024, maximum=1 << 20),

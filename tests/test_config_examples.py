@@ -104,6 +104,7 @@ def normalise(path: str) -> str:
 KITCHEN_SINK_CORE: dict[str, Any] = {
     "issuer": "http://127.0.0.1:8081",
     "listen": "127.0.0.1:8081",
+    "admin_listen": "127.0.0.1:8091",
     "trusted_issuers": [
         {
             "issuer": "http://op",

@@ -299,6 +299,31 @@ def test_exchange_config_is_valid_and_reads_keys_from_the_secret_mount(
     assert config.listen[1] in {p["containerPort"] for p in container["ports"]}
 
 
+@pytest.mark.parametrize("name", ["exchange", "examples/shop"])
+def test_exchange_probes_and_scrapes_use_the_admin_port_only(
+    rendered: dict[str, Docs], name: str
+) -> None:
+    """Probes, the prometheus.io port and the ServiceMonitor reach the exchange server's
+    admin_listen; the token port serves none of them (it answers 404 there)."""
+    docs = rendered[name]
+    with secrets_unread():
+        config = parse_exchange_config(
+            config_file(docs, "zonegate-exchange", "exchange.yaml"), Path("/")
+        )
+    assert config.admin_listen is not None and config.admin_listen[1] != config.listen[1]
+    template = find(docs, "Deployment", "zonegate-exchange")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["admin"] == config.admin_listen[1] and ports["http"] == config.listen[1]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "admin", probe
+    assert int(template["metadata"]["annotations"]["prometheus.io/port"]) == ports["admin"]
+    service = find(docs, "Service", "zonegate-exchange")
+    by_name = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    monitor = find(rendered["monitoring"], "ServiceMonitor")
+    assert by_name[monitor["spec"]["endpoints"][0]["port"]] == "admin"
+
+
 # --- every workload --------------------------------------------------------------------------
 
 

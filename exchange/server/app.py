@@ -1,7 +1,9 @@
 """The standalone exchange server (``zonegate exchange``): an aiohttp adapter around the core.
 
 Endpoints: ``POST /token`` (RFC 8693), server metadata
-(RFC 8414), zone issuer documents, ``/healthz``, ``/readyz``, ``/metrics``.
+(RFC 8414), zone issuer documents, ``/healthz``, ``/readyz``, ``/metrics``. With
+``admin_listen`` the last three move to an app of their own (``create_admin_app``), so that
+whoever can reach ``/token`` cannot read client ids and traffic from ``/metrics``.
 
 ``error_response`` is the one place where an ``ExchangeError`` becomes an HTTP response.
 Config and keys are parsed at start and on reload (SIGHUP, key files changing), never per
@@ -171,8 +173,9 @@ class Runtime:
                 extra={"config": str(self.config_path), "errors": e.errors},
             )
             return False
-        if config.listen != self.service.core.config.listen:
-            log.warning("listen changed in config: takes effect on restart only")
+        before = self.service.core.config
+        if (config.listen, config.admin_listen) != (before.listen, before.admin_listen):
+            log.warning("listen or admin_listen changed in config: takes effect on restart only")
         await _warm(service.core)
         self.service = service  # requests in flight finish with the generation they began with
         log.info("config reloaded", extra={"config": str(self.config_path)})
@@ -435,11 +438,25 @@ def create_app(
     app.router.add_get("/.well-known/oauth-authorization-server", server_metadata)
     app.router.add_get("/.well-known/openid-configuration", server_metadata)
     app.router.add_routes(zone_routes(lambda: runtime.service.core))
+    if config.admin_listen is None:  # otherwise they live on the admin listener alone
+        _add_operator_routes(app)
+    app.cleanup_ctx.append(_lifecycle(key_check_interval))
+    return app
+
+
+def create_admin_app(app: web.Application) -> web.Application:
+    """The admin listener's app (``admin_listen``): /healthz, /readyz and /metrics of the
+    exchange server ``app``, sharing its state. Nothing else is served there."""
+    admin = web.Application(middlewares=[json_errors])
+    admin[RUNTIME] = app[RUNTIME]
+    _add_operator_routes(admin)
+    return admin
+
+
+def _add_operator_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", prometheus_metrics)
-    app.cleanup_ctx.append(_lifecycle(key_check_interval))
-    return app
 
 
 def _lifecycle(interval: float) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -476,4 +493,7 @@ def main(config_path: Path, *, log_level: str = "INFO") -> int:
     def on_drain() -> None:
         runtime.ready = False
 
-    return run(serve([Listener("exchange", app, host, port)], on_hup=on_hup, on_drain=on_drain))
+    listeners = [Listener("exchange", app, host, port)]
+    if config.admin_listen is not None:
+        listeners.append(Listener("admin", create_admin_app(app), *config.admin_listen))
+    return run(serve(listeners, on_hup=on_hup, on_drain=on_drain))
