@@ -5,7 +5,7 @@ presents, ``ClientAuthenticator`` proves it); the client side, below it, is what
 presents to a remote token endpoint (``ClientSecretBasic``, ``PrivateKeyJwt``,
 ``ServiceAccountToken``).
 
-Four methods, each named by the client's ``auth`` in config; a client must use its own:
+Five methods, each named by the client's ``auth`` in config; a client must use its own:
 
 * ``client_secret_basic`` (RFC 6749 §2.3.1): id and secret are form-urlencoded before base64.
   openid-client does that, google-auth and curl do not, so both readings are tried;
@@ -15,7 +15,11 @@ Four methods, each named by the client's ``auth`` in config; a client must use i
 * ``kubernetes``: a projected service-account token as ``client_assertion`` (jwt-bearer) from
   the cluster issuer the client is bound to (``cluster_issuer``), its ``sub``
   ``system:serviceaccount:<ns>:<name>`` naming the client; the same name from another cluster
-  is another identity, and not this client.
+  is another identity, and not this client;
+* ``tls_client_auth`` (RFC 8705 §2.1): the TLS client certificate the listener verified against
+  its client CA bundle, ``client_id`` in the body naming the client (RFC 8705 §2), the
+  certificate matching the client's one configured subject DN, DNS SAN or URI SAN (a SPIFFE
+  ID). The adapter hands the certificate in (DER); this module only compares.
 
 Every key set is parsed once, at construction: the hot path parses no config and no keys.
 Every refusal is ``InvalidClient`` (401) or, for a malformed request, ``InvalidRequest``.
@@ -35,8 +39,9 @@ from typing import Protocol
 from urllib.parse import quote_plus, unquote_plus
 
 import jwt
+from cryptography import x509
 
-from exchange.config import ClientConfig, ClusterIssuer, ExchangeConfig, TrustedIssuer
+from exchange.config import ClientConfig, ClusterIssuer, ExchangeConfig, TrustedIssuer, parse_dn
 from exchange.errors import InvalidClient, InvalidRequest, TemporarilyUnavailable
 from exchange.issuers import Clock, Fetcher, FetchFailed, FetchObserver, IssuerKeys, parse_jwks
 from exchange.keys import SigningKey
@@ -48,6 +53,7 @@ CLIENT_SECRET_BASIC = "client_secret_basic"
 CLIENT_SECRET_POST = "client_secret_post"
 PRIVATE_KEY_JWT = "private_key_jwt"
 KUBERNETES = "kubernetes"
+TLS_CLIENT_AUTH = "tls_client_auth"
 NONE = "none"
 CLIENT_ASSERTION = "client_assertion"  # private_key_jwt or kubernetes: the assertion decides
 NOTHING = ""
@@ -62,10 +68,11 @@ SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 class Presented:
     """The credentials one request presents, before any of them is believed."""
 
-    method: str  # CLIENT_SECRET_BASIC | CLIENT_SECRET_POST | CLIENT_ASSERTION | NONE | NOTHING
+    method: str  # CLIENT_SECRET_BASIC | _POST | CLIENT_ASSERTION | TLS_CLIENT_AUTH | NONE | NOTHING
     client_ids: tuple[str, ...] = ()  # candidate readings, preferred first
     secrets: tuple[str, ...] = field(default=(), repr=False)
     assertion: str | None = field(default=None, repr=False)
+    certificate: bytes | None = field(default=None, repr=False)  # the verified peer's, DER
 
     @property
     def basic_tried(self) -> bool:
@@ -74,9 +81,16 @@ class Presented:
 
 
 def presented_credentials(
-    authorization: str | None, form: Mapping[str, Sequence[str]]
+    authorization: str | None,
+    form: Mapping[str, Sequence[str]],
+    *,
+    certificate: bytes | None = None,
 ) -> Presented:
-    """Read the client credentials of a token request; more than one method is invalid_request."""
+    """Read the client credentials of a token request; more than one method is invalid_request.
+
+    ``certificate``: the TLS client certificate (DER) the listener verified, if any. It is a
+    credential only for ``client_id`` alone in the body (RFC 8705 §2.1); next to a secret or an
+    assertion it is transport, and that credential decides."""
     form_id = single(form, "client_id")
     form_secret = single(form, "client_secret")
     assertion = single(form, "client_assertion")
@@ -103,6 +117,8 @@ def presented_credentials(
             raise InvalidRequest("client_secret needs client_id in the body")
         return Presented(CLIENT_SECRET_POST, (form_id,), (form_secret,))
     if form_id:
+        if certificate is not None:
+            return Presented(TLS_CLIENT_AUTH, (form_id,), certificate=certificate)
         return Presented(NONE, (form_id,))
     return Presented(NOTHING)
 
@@ -185,7 +201,10 @@ class ClientAuthenticator:
         clock: Clock,
         observe: FetchObserver | None = None,
         replay: ReplayCache | None = None,
+        issuer_fetchers: Mapping[str, Fetcher] | None = None,
     ) -> None:
+        """``issuer_fetchers``: the fetcher of a cluster issuer that has its own (its
+        ``ca_file``), by issuer; everything else is fetched with ``fetch``."""
         self._config = config
         self._clients = config.clients
         self._fetch = fetch
@@ -207,14 +226,18 @@ class ClientAuthenticator:
             for c in self._clients.values()
             if c.auth == PRIVATE_KEY_JWT and c.jwks is None and c.jwks_uri is not None
         }
+        fetchers = issuer_fetchers or {}
         self._clusters = {
-            c.issuer: (c, self._issuer_keys(c.issuer, c.jwks_uri)) for c in config.cluster_issuers
+            c.issuer: (c, self._issuer_keys(c.issuer, c.jwks_uri, fetchers.get(c.issuer)))
+            for c in config.cluster_issuers
         }
 
-    def _issuer_keys(self, name: str, jwks_uri: str | None) -> IssuerKeys:
+    def _issuer_keys(
+        self, name: str, jwks_uri: str | None, fetch: Fetcher | None = None
+    ) -> IssuerKeys:
         return IssuerKeys.for_config(
             name,
-            self._fetch,
+            fetch or self._fetch,
             self._config,
             clock=self._clock,
             jwks_uri=jwks_uri,
@@ -232,9 +255,21 @@ class ClientAuthenticator:
                 raise InvalidClient("client_id does not match the client_assertion")
             return client
         client = self._client(presented)
-        if client.auth != presented.method:
+        method = presented.method
+        if method == TLS_CLIENT_AUTH and client.auth == NONE:
+            method = NONE  # a public client on a listener that asks every client for a certificate
+        if client.auth != method:
             raise self._refusal(presented, f"client must authenticate with {client.auth}")
-        if presented.method != NONE and not _any_secret_matches(client, presented.secrets):
+        if method == TLS_CLIENT_AUTH:
+            assert presented.certificate is not None
+            if not certificate_matches(client, presented.certificate):
+                raise self._refusal(
+                    presented,
+                    "the client certificate does not match the client's configured "
+                    f"{_tls_match_key(client).removeprefix('tls_client_auth_')}",
+                )
+            return client
+        if method != NONE and not _any_secret_matches(client, presented.secrets):
             raise self._refusal(presented, "client authentication failed")
         return client
 
@@ -319,6 +354,51 @@ class ClientAuthenticator:
         return client
 
 
+def certificate_matches(client: ClientConfig, der: bytes) -> bool:
+    """RFC 8705 §2.1.2: the certificate's subject DN, or one of its DNS or URI SANs, is the
+    client's configured value. DNs compare as parsed names, attribute by attribute, values
+    case-folded with runs of spaces collapsed (the string forms of one DN vary: order of
+    spaces, case, escaping); DNS names compare case-insensitively, URIs exactly."""
+    try:
+        certificate = x509.load_der_x509_certificate(der)
+        if client.tls_client_auth_subject_dn is not None:
+            expected = parse_dn(client.tls_client_auth_subject_dn)
+            return normalised_dn(certificate.subject) == normalised_dn(expected)
+        names = _san(certificate)
+    except ValueError:
+        return False
+    if client.tls_client_auth_san_dns is not None:
+        wanted = client.tls_client_auth_san_dns.lower().rstrip(".")
+        return any(n.lower().rstrip(".") == wanted for n in names.get_values_for_type(x509.DNSName))
+    if client.tls_client_auth_san_uri is not None:
+        return client.tls_client_auth_san_uri in names.get_values_for_type(
+            x509.UniformResourceIdentifier
+        )
+    return False
+
+
+def _san(certificate: x509.Certificate) -> x509.SubjectAlternativeName:
+    try:
+        return certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectAlternativeName([])
+
+
+def normalised_dn(name: x509.Name) -> tuple[frozenset[tuple[str, str]], ...]:
+    """A DN for comparison: its RDNs in order, each a set of (OID, normalised value)."""
+    return tuple(
+        frozenset((a.oid.dotted_string, " ".join(str(a.value).split()).casefold()) for a in rdn)
+        for rdn in name.rdns
+    )
+
+
+def _tls_match_key(client: ClientConfig) -> str:
+    for key in ("tls_client_auth_subject_dn", "tls_client_auth_san_dns", "tls_client_auth_san_uri"):
+        if getattr(client, key) is not None:
+            return key
+    return "certificate"
+
+
 def _any_secret_matches(client: ClientConfig, candidates: tuple[str, ...]) -> bool:
     """Each comparison is constant-time; every candidate is compared (no early exit)."""
     results = [client.secret_matches(candidate) for candidate in candidates]
@@ -398,6 +478,17 @@ class ServiceAccountToken:
 
     def authenticate(self, endpoint: str, now: float) -> tuple[FormFields, dict[str, str]]:
         return assertion_fields(self.client_id, self.read()), {}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClientAuth:
+    """RFC 8705 §2.1: the client certificate on the TLS connection is the credential; the body
+    names the client (``client_id``, RFC 8705 §2). The connection's TLS context presents it."""
+
+    client_id: str
+
+    def authenticate(self, endpoint: str, now: float) -> tuple[FormFields, dict[str, str]]:
+        return [("client_id", self.client_id)], {}
 
 
 def assertion_fields(client_id: str, assertion: str) -> FormFields:

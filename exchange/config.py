@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from exchange.keys import SigningKey, parse_private_key, signing_key, verification_key
 from runtime.configload import (
     READ_SECRETS,
@@ -17,6 +19,7 @@ from runtime.configload import (
     parse_listen,
     read_document,
 )
+from runtime.tls import check_ca_bundle, check_pair
 
 DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 ALLOWED_ALGORITHMS = frozenset(
@@ -28,7 +31,14 @@ CLIENT_AUTH_METHODS = (
     "client_secret_post",
     "private_key_jwt",
     "kubernetes",
+    "tls_client_auth",
     "none",
+)
+# RFC 8705 §2.1.2: how a tls_client_auth client's certificate is matched; exactly one is given
+TLS_CLIENT_AUTH_KEYS = (
+    "tls_client_auth_subject_dn",
+    "tls_client_auth_san_dns",
+    "tls_client_auth_san_uri",
 )
 ZONE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SERVICE_ACCOUNT = re.compile(r"^system:serviceaccount:[a-z0-9.-]+:[a-z0-9.-]+$")
@@ -48,6 +58,7 @@ class TrustedIssuer:
     # what a subject_token_type may declare for this issuer's tokens (short names)
     subject_token_types: tuple[str, ...] = SUBJECT_TOKEN_TYPES
     require_typ: str | None = None  # "at+jwt": the JOSE typ must say so (RFC 9068 §4)
+    ca_file: Path | None = None  # CA bundle for its discovery and JWKS (None: system CAs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +113,10 @@ class ClientConfig:
     rate_limit: RateLimit | None = None
     subject_scope: str = "ignore"  # "intersect": granted scope ∩ the subject's scope/scp
     cluster_issuer: str | None = None  # auth kubernetes: the one cluster whose tokens it accepts
+    # auth tls_client_auth (RFC 8705 §2.1): exactly one names the client's certificate
+    tls_client_auth_subject_dn: str | None = None  # RFC 4514 string form
+    tls_client_auth_san_dns: str | None = None
+    tls_client_auth_san_uri: str | None = None  # a SPIFFE ID is a URI SAN
 
     def secret_matches(self, presented: str) -> bool:
         """Constant-time comparison against the stored secret or its SHA-256."""
@@ -123,6 +138,17 @@ class ClusterIssuer:
     audiences: tuple[str, ...] = ("zonegate",)
     max_token_age: int = 86400
     jwks_uri: str | None = None
+    ca_file: Path | None = None  # CA bundle for its discovery and JWKS (None: system CAs)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """The exchange server's TLS listener: its certificate and key, and the CA bundle client
+    certificates are verified against (``tls_client_auth``)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +168,7 @@ class ExchangeConfig:
     jwks_max_age: int = 3600  # upper bound on Cache-Control max-age
     jwks_stale_for: int = 86400  # keys keep working this long while the issuer is unreachable
     fetch_timeout: float = 5.0
+    tls: ServerTls | None = None  # None: listen serves plain HTTP
 
     def zone_issuer(self, zone: str) -> str:
         """The ``iss`` of tokens minted for ``zone``."""
@@ -156,6 +183,8 @@ def read_exchange(node: Node) -> ExchangeConfig:
     admin_listen = parse_listen(node, "admin_listen", "") if node.has("admin_listen") else None
     if admin_listen is not None and admin_listen == listen and listen[1] != 0:
         node.error("admin_listen", "must differ from listen (another port, or leave it out)")
+    tls = _read_tls(node.child("tls")) if node.has("tls") else None
+    node.raw("tls")
     trusted = tuple(
         _read_trusted_issuer(n) for n in node.children("trusted_issuers", required=True)
     )
@@ -165,7 +194,7 @@ def read_exchange(node: Node) -> ExchangeConfig:
     clusters = tuple(_read_cluster_issuer(n) for n in node.children("cluster_issuers"))
     clients: dict[str, ClientConfig] = {}
     for n in node.children("clients", required=True):
-        client = _read_client(n, zones, clusters)
+        client = _read_client(n, zones, clusters, tls)
         if client.client_id in clients:
             n.error("client_id", f"duplicate client_id {client.client_id!r}")
         clients[client.client_id] = client
@@ -185,6 +214,7 @@ def read_exchange(node: Node) -> ExchangeConfig:
         jwks_max_age=node.integer("jwks_max_age", 3600, minimum=1, maximum=86400),
         jwks_stale_for=node.integer("jwks_stale_for", 86400, maximum=7 * 86400),
         fetch_timeout=node.number("fetch_timeout", 5.0, minimum=0.1, maximum=60),
+        tls=tls,
     )
     node.finish()
     return config
@@ -226,6 +256,7 @@ def _read_trusted_issuer(node: Node) -> TrustedIssuer:
     if not types:
         node.error("subject_token_types", "name at least one type, or leave it out")
     require_typ = node.choice("require_typ", ("at+jwt",), None)
+    ca_file = _ca_file(node, "ca_file")
     node.finish()
     return TrustedIssuer(
         issuer or "",
@@ -234,7 +265,34 @@ def _read_trusted_issuer(node: Node) -> TrustedIssuer:
         jwks_uri,
         subject_token_types=tuple(dict.fromkeys(types)),
         require_typ=require_typ,
+        ca_file=ca_file,
     )
+
+
+def _ca_file(node: Node, key: str) -> Path | None:
+    """A CA bundle (PEM) that must exist and load now, not at the first fetch."""
+    path = node.path_value(key)
+    if path is not None:
+        problem = check_ca_bundle(path)
+        if problem is not None:
+            node.error(key, f"cannot load {path} as a PEM CA bundle: {problem}")
+    return path
+
+
+def _read_tls(node: Node) -> ServerTls:
+    """``tls:``: the listener's certificate and key (they must load together) and, for
+    tls_client_auth, the client CA bundle."""
+    cert_file, key_file = node.path_value("cert_file"), node.path_value("key_file")
+    for key, value in (("cert_file", cert_file), ("key_file", key_file)):
+        if value is None:
+            node.error(key, "required: tls needs cert_file and key_file (PEM)")
+    if cert_file is not None and key_file is not None and READ_SECRETS.get():
+        problem = check_pair(cert_file, key_file)
+        if problem is not None:
+            node.error("cert_file", f"cannot load {cert_file} with {key_file}: {problem}")
+    client_ca_file = _ca_file(node, "client_ca_file")
+    node.finish()
+    return ServerTls(cert_file or Path(), key_file or Path(), client_ca_file)
 
 
 def _read_zone(name: str, node: Node) -> ZoneConfig:
@@ -291,7 +349,10 @@ RESERVED_CLAIMS = frozenset(
 
 
 def _read_client(
-    node: Node, zones: dict[str, ZoneConfig], clusters: tuple[ClusterIssuer, ...]
+    node: Node,
+    zones: dict[str, ZoneConfig],
+    clusters: tuple[ClusterIssuer, ...],
+    tls: ServerTls | None = None,
 ) -> ClientConfig:
     auth = node.choice("auth", CLIENT_AUTH_METHODS, "client_secret_basic") or "client_secret_basic"
     client = ClientConfig(
@@ -309,8 +370,12 @@ def _read_client(
         rate_limit=_read_rate_limit(node),
         subject_scope=node.choice("subject_scope", SUBJECT_SCOPES, "ignore") or "ignore",
         cluster_issuer=_cluster_of(node, auth, clusters),
+        tls_client_auth_subject_dn=node.text("tls_client_auth_subject_dn", None),
+        tls_client_auth_san_dns=node.text("tls_client_auth_san_dns", None),
+        tls_client_auth_san_uri=node.text("tls_client_auth_san_uri", None),
     )
     _check_client_auth(node, client, bool(clusters))
+    _check_tls_client_auth(node, client, tls)
     _check_client_zones(node, client, zones)
     node.finish()
     return client
@@ -371,6 +436,67 @@ def _check_client_auth(node: Node, client: ClientConfig, have_clusters: bool) ->
             node.error("service_account", "auth kubernetes needs system:serviceaccount:<ns>:<name>")
         if not have_clusters:
             node.error("auth", "auth kubernetes needs a top-level cluster_issuers entry")
+
+
+def _check_tls_client_auth(node: Node, client: ClientConfig, tls: ServerTls | None) -> None:
+    """RFC 8705 §2.1: exactly one certificate match, and a listener that verifies it."""
+    given = [k for k in TLS_CLIENT_AUTH_KEYS if getattr(client, k) is not None]
+    if client.auth != "tls_client_auth":
+        for key in given:
+            node.error(key, "only a client with auth tls_client_auth is matched by certificate")
+        return
+    if len(given) != 1:
+        node.error(
+            "auth",
+            "auth tls_client_auth needs exactly one of tls_client_auth_subject_dn, "
+            f"tls_client_auth_san_dns or tls_client_auth_san_uri (got {', '.join(given) or 'none'})",
+        )
+    if tls is None or tls.client_ca_file is None:
+        node.error(
+            "auth",
+            "auth tls_client_auth needs the server to verify client certificates: set "
+            "tls.cert_file, tls.key_file and tls.client_ca_file",
+        )
+    dn = client.tls_client_auth_subject_dn
+    if dn is not None:
+        try:
+            parse_dn(dn)
+        except ValueError:
+            node.error(
+                "tls_client_auth_subject_dn",
+                f"{dn!r} is not an RFC 4514 distinguished name (like CN=billing,O=Acme)",
+            )
+    uri = client.tls_client_auth_san_uri
+    if uri is not None and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:\S+$", uri):
+        node.error("tls_client_auth_san_uri", f"{uri!r} is not an absolute URI (spiffe://...)")
+    name = client.tls_client_auth_san_dns
+    if name is not None and not re.fullmatch(
+        r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", name
+    ):
+        node.error("tls_client_auth_san_dns", f"{name!r} is not a DNS name")
+
+
+def parse_dn(text: str) -> x509.Name:
+    """An RFC 4514 distinguished name, read as operators write them: attribute types in any
+    case (RFC 4514 §3: they are case-insensitive), spaces around ``,``, ``+`` and ``=``."""
+    parts = re.split(r"(?<!\\)([,+])", text)
+    out = []
+    for part in parts:
+        if part in (",", "+"):
+            out.append(part)
+            continue
+        kind, eq, value = part.partition("=")
+        kind = kind.strip()
+        if re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", kind):
+            kind = kind.upper()
+        value = value.lstrip()
+        if not value.endswith("\\ "):
+            value = value.rstrip()
+        out.append(f"{kind}{eq}{value}")
+    name = x509.Name.from_rfc4514_string("".join(out))
+    if not name.rdns:
+        raise ValueError("empty distinguished name")
+    return name
 
 
 def _cluster_of(node: Node, auth: str, clusters: tuple[ClusterIssuer, ...]) -> str | None:
@@ -435,6 +561,7 @@ def _read_cluster_issuer(node: Node) -> ClusterIssuer:
         audiences=node.strings("audiences", ("zonegate",)),
         max_token_age=node.integer("max_token_age", 86400, minimum=60, maximum=7 * 86400),
         jwks_uri=node.text("jwks_uri", None),
+        ca_file=_ca_file(node, "ca_file"),
     )
     node.finish()
     return cluster
@@ -469,6 +596,7 @@ __all__ = [
     "ClusterIssuer",
     "ConfigError",
     "ExchangeConfig",
+    "ServerTls",
     "TrustedIssuer",
     "ZoneConfig",
     "load_exchange_config",

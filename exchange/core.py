@@ -8,7 +8,7 @@ server and the sidecar's embedded exchanger are adapters around it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,23 +101,35 @@ class ExchangeCore:
         fetcher: Fetcher,
         clock: Clock,
         observe_fetch: FetchObserver | None = None,
+        issuer_fetchers: Mapping[str, Fetcher] | None = None,
     ) -> None:
+        """``issuer_fetchers``: the fetcher of an issuer that has its own (its ``ca_file``),
+        by issuer; the others use ``fetcher``."""
         self.config = config
         self.keys = keys
         self._fetcher = fetcher
+        self._issuer_fetchers = dict(issuer_fetchers or {})
         self._clock = clock
         self.zone_index = policy.zone_index(config.zones)  # audience/resource -> zone
         self._trusted = {t.issuer: t for t in config.trusted_issuers}
         self.issuer_keys = {
             t.issuer: IssuerKeys.for_config(
-                t.issuer, fetcher, config, clock=clock, jwks_uri=t.jwks_uri, observe=observe_fetch
+                t.issuer,
+                self._issuer_fetchers.get(t.issuer, fetcher),
+                config,
+                clock=clock,
+                jwks_uri=t.jwks_uri,
+                observe=observe_fetch,
             )
             for t in config.trusted_issuers
         }
 
     async def close(self) -> None:
-        """Release the fetcher the core was given (its HTTP session)."""
-        await self._fetcher.close()
+        """Release the fetchers the core was given (their HTTP sessions)."""
+        for fetcher in {
+            id(f): f for f in (self._fetcher, *self._issuer_fetchers.values())
+        }.values():
+            await fetcher.close()
 
     async def warm(self) -> list[str]:
         """Fetch every trusted issuer's keys once; return the issuers that failed."""
@@ -264,6 +276,9 @@ class ExchangeCore:
         }
 
     def auth_methods(self) -> list[str]:
+        """What clients authenticate with; ``kubernetes`` is a client assertion
+        (private_key_jwt's wire form), ``tls_client_auth`` is listed when a client uses it
+        (which needs the listener's ``tls.client_ca_file``)."""
         methods = {c.auth for c in self.config.clients.values()} - {"kubernetes", "none"}
         if any(c.auth == "kubernetes" for c in self.config.clients.values()):
             methods.add("private_key_jwt")

@@ -14,6 +14,10 @@ class DocumentError(Exception):
     """A JSON document could not be had; the message says why (never the body)."""
 
 
+class UntrustedCertificate(DocumentError):
+    """The server's TLS certificate did not verify against the CAs trusted for it."""
+
+
 async def get_json(
     session: aiohttp.ClientSession,
     url: str,
@@ -29,6 +33,9 @@ async def get_json(
                 raise DocumentError(f"GET {url} answered {response.status}")
             body = await response.content.read(limit + 1)
             cache_control = response.headers.get("Cache-Control")
+    except aiohttp.ClientConnectorCertificateError as e:
+        reason = getattr(e.certificate_error, "verify_message", None) or "verification failed"
+        raise UntrustedCertificate(f"GET {url}: TLS certificate not trusted: {reason}") from e
     except (aiohttp.ClientError, TimeoutError, OSError) as e:
         raise DocumentError(f"GET {url} failed: {type(e).__name__}: {e}") from e
     if len(body) > limit:

@@ -23,6 +23,7 @@ from exchange.keys import KeyRing, SigningKey, signing_key
 from exchange.server.keyfiles import load_keyring, load_private_key
 from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, parse_scope
 from runtime.configload import (
+    READ_SECRETS,
     ConfigError,
     Node,
     load_document,
@@ -30,6 +31,7 @@ from runtime.configload import (
     parse_listen,
     read_document,
 )
+from runtime.tls import check_ca_bundle, check_pair
 
 REQUESTED_TOKEN_TYPES = {
     "access_token": TOKEN_TYPE_ACCESS_TOKEN,
@@ -80,6 +82,10 @@ class RemoteExchange:
     client_key: SigningKey | None = field(default=None, repr=False, compare=False, metadata=LOADED)
     service_account_token_file: Path | None = None
     ca_file: Path | None = None
+    # the client certificate presented to the token endpoint (mTLS); alone, without another
+    # credential, it is the credential: tls_client_auth (RFC 8705 §2.1)
+    tls_client_cert_file: Path | None = None
+    tls_client_key_file: Path | None = None
     timeout: float = 1.0
     retries: int = 2
     mode = "remote"
@@ -246,7 +252,9 @@ def _read_remote(node: Node, client_id: str) -> RemoteExchange:
         client_secret=node.secret("client_secret"),
         private_key_file=node.path_value("private_key_file"),
         service_account_token_file=node.path_value("service_account_token_file"),
-        ca_file=_existing_file(node, "ca_file"),
+        ca_file=_ca_file(node, "ca_file"),
+        tls_client_cert_file=_existing_file(node, "tls_client_cert_file"),
+        tls_client_key_file=_existing_file(node, "tls_client_key_file"),
         timeout=node.number("timeout", 1.0, minimum=0.05, maximum=30),
         retries=node.integer("retries", 2, maximum=5),
     )
@@ -261,16 +269,46 @@ def _read_remote(node: Node, client_id: str) -> RemoteExchange:
         )
         if v is not None
     ]
-    if len(credentials) != 1:
+    _check_client_certificate(node, settings)
+    has_certificate = settings.tls_client_cert_file is not None
+    if len(credentials) > 1 or not (credentials or has_certificate):
         node.error(
             "client_secret",
-            "remote mode needs exactly one credential: client_secret(_file), private_key_file "
-            f"or service_account_token_file (got {', '.join(credentials) or 'none'})",
+            "remote mode needs exactly one credential: client_secret(_file), private_key_file, "
+            "service_account_token_file, or a client certificate alone "
+            "(tls_client_cert_file and tls_client_key_file: tls_client_auth) "
+            f"(got {', '.join(credentials) or 'none'})",
         )
     if settings.private_key_file is not None:
         key = _load_client_key(node, "private_key_file", settings.private_key_file)
         settings = replace(settings, client_key=key)
     return settings
+
+
+def _check_client_certificate(node: Node, settings: RemoteExchange) -> None:
+    """The client certificate and its key come together and must load together."""
+    cert, key = settings.tls_client_cert_file, settings.tls_client_key_file
+    if (cert is None) != (key is None):
+        node.error(
+            "tls_client_cert_file" if cert is None else "tls_client_key_file",
+            "give tls_client_cert_file and tls_client_key_file together",
+        )
+    elif cert and key and cert.is_file() and key.is_file() and READ_SECRETS.get():
+        problem = check_pair(cert, key)
+        if problem is not None:
+            node.error("tls_client_cert_file", f"cannot load {cert} with {key}: {problem}")
+    if cert is not None and settings.token_endpoint and settings.token_endpoint.startswith("http:"):
+        node.error("tls_client_cert_file", "a client certificate needs an https token_endpoint")
+
+
+def _ca_file(node: Node, key: str) -> Path | None:
+    """A CA bundle (PEM) that must exist and load now, not at the first exchange."""
+    path = _existing_file(node, key)
+    if path is not None and path.is_file():
+        problem = check_ca_bundle(path)
+        if problem is not None:
+            node.error(key, f"cannot load {path} as a PEM CA bundle: {problem}")
+    return path
 
 
 def read_route(index: int, node: Node) -> Route:

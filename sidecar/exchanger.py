@@ -26,6 +26,7 @@ from exchange.clientauth import (
     ClientSecretBasic,
     PrivateKeyJwt,
     ServiceAccountToken,
+    TlsClientAuth,
 )
 from exchange.core import ExchangeCore
 from exchange.errors import EndpointUnavailable, ExchangeError, TemporarilyUnavailable
@@ -40,6 +41,7 @@ from exchange.tokens import (
 from runtime.filewatch import FileWatch
 from runtime.httpjson import DocumentError, get_json
 from runtime.retry import Backoff, retrying
+from runtime.tls import ClientTls
 from sidecar.config import EmbeddedExchange, RemoteExchange
 
 log = logging.getLogger("zonegate.sidecar.exchanger")
@@ -101,9 +103,17 @@ class RemoteExchanger:
         self._credential = client_credential(settings)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._session: aiohttp.ClientSession | None = None
-        self._ssl: ssl.SSLContext | bool = (
-            ssl.create_default_context(cafile=str(settings.ca_file)) if settings.ca_file else True
-        )
+        self._tls: ClientTls | None = None
+        if settings.ca_file or settings.tls_client_cert_file:
+            self._tls = ClientTls(
+                settings.ca_file, settings.tls_client_cert_file, settings.tls_client_key_file
+            )
+
+    @property
+    def _ssl(self) -> ssl.SSLContext | bool:
+        """The TLS context of the next connection, its client certificate re-read if the
+        files changed (a new connection presents the new one)."""
+        return self._tls.current() if self._tls is not None else True
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -113,7 +123,7 @@ class RemoteExchanger:
                 sock_connect=self.settings.timeout,
                 sock_read=self.settings.timeout,
             )
-            connector = aiohttp.TCPConnector(limit=32, ssl=self._ssl)
+            connector = aiohttp.TCPConnector(limit=32)
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         return self._session
 
@@ -123,8 +133,10 @@ class RemoteExchanger:
             self.token_endpoint = await self._discover()
             return
         try:
-            async with self.session.get(self.token_endpoint, allow_redirects=False):
+            async with self.session.get(self.token_endpoint, allow_redirects=False, ssl=self._ssl):
                 pass  # any HTTP answer (405 is typical) means it is reachable
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise untrusted(e) from e
         except (aiohttp.ClientError, TimeoutError) as e:
             raise TemporarilyUnavailable(f"token endpoint unreachable: {type(e).__name__}") from e
 
@@ -137,7 +149,7 @@ class RemoteExchanger:
         mismatch = ""
         for url in metadata_urls(issuer):
             try:
-                document, _ = await get_json(self.session, url)
+                document, _ = await get_json(self.session, url, ssl=self._ssl)
             except DocumentError:
                 continue
             named = document.get("issuer")
@@ -173,7 +185,7 @@ class RemoteExchanger:
         data = encode_token_request(request) + fields
         try:
             async with self.session.post(
-                endpoint, data=data, headers=headers, allow_redirects=False
+                endpoint, data=data, headers=headers, allow_redirects=False, ssl=self._ssl
             ) as response:
                 body = await _read_bounded(response)
                 return read_token_response(
@@ -182,6 +194,8 @@ class RemoteExchanger:
                     retry_after=response.headers.get("Retry-After"),
                     now=time.time(),
                 )
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise untrusted(e) from e  # retrying cannot help
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
             raise EndpointUnavailable(f"token endpoint unreachable: {type(e).__name__}") from e
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -190,6 +204,14 @@ class RemoteExchanger:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def untrusted(e: aiohttp.ClientConnectorCertificateError) -> TemporarilyUnavailable:
+    """The token endpoint's certificate did not verify: say why, and against what."""
+    reason = getattr(e.certificate_error, "verify_message", None) or "verification failed"
+    return TemporarilyUnavailable(
+        f"token endpoint's TLS certificate not trusted: {reason} (check ca_file)"
+    )
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
@@ -229,6 +251,8 @@ def client_credential(settings: RemoteExchange) -> ClientCredential:
     if settings.service_account_token_file is not None:
         reader = ServiceAccountTokenReader(settings.service_account_token_file)
         return ServiceAccountToken(settings.client_id, reader)
+    if settings.client_secret is None and settings.tls_client_cert_file is not None:
+        return TlsClientAuth(settings.client_id)  # the certificate alone (RFC 8705 §2.1)
     return ClientSecretBasic(settings.client_id, settings.client_secret or "")
 
 

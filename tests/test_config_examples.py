@@ -105,9 +105,11 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
     "issuer": "http://127.0.0.1:8081",
     "listen": "127.0.0.1:8081",
     "admin_listen": "127.0.0.1:8091",
+    "tls": {"cert_file": "tls.crt", "key_file": "tls.key", "client_ca_file": "clients-ca.pem"},
     "trusted_issuers": [
         {
             "issuer": "http://op",
+            "ca_file": "op-ca.pem",
             "audiences": ["fe"],
             "algorithms": ["ES256"],
             "jwks_uri": "http://op/jwks",
@@ -152,6 +154,13 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
             "service_account": "system:serviceaccount:ns:sa",
             "cluster_issuer": "https://k8s",
         },
+        {
+            "client_id": "e",
+            "auth": "tls_client_auth",
+            "tls_client_auth_subject_dn": "CN=e",
+            "tls_client_auth_san_dns": "e.example",
+            "tls_client_auth_san_uri": "spiffe://cluster.local/ns/e/sa/e",
+        },
     ],
     "cluster_issuers": [
         {
@@ -159,6 +168,7 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
             "audiences": ["zonegate"],
             "max_token_age": 3600,
             "jwks_uri": "https://k8s/jwks",
+            "ca_file": "k8s-ca.pem",
         }
     ],
     "leeway": 10,
@@ -191,7 +201,13 @@ KITCHEN_SINK_SIDECAR: dict[str, Any] = {
             "scope": "s",
             "requested_token_type": "jwt",
             "missing_token": "forward",
-            "exchange": {**REMOTE, "client_secret_file": "secret", "ca_file": "ca.pem"},
+            "exchange": {
+                **REMOTE,
+                "client_secret_file": "secret",
+                "ca_file": "ca.pem",
+                "tls_client_cert_file": "c.crt",
+                "tls_client_key_file": "c.key",
+            },
         },
         {
             "upstream": "http://u",

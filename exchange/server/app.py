@@ -5,6 +5,10 @@ Endpoints: ``POST /token`` (RFC 8693), server metadata
 ``admin_listen`` the last three move to an app of their own (``create_admin_app``), so that
 whoever can reach ``/token`` cannot read client ids and traffic from ``/metrics``.
 
+With ``tls``, ``listen`` serves HTTPS (``runtime.tls.ReloadingTls``: files re-read when they
+change); with ``tls.client_ca_file`` client certificates are requested and verified, and the
+verified one is handed to client authentication (``tls_client_auth``, RFC 8705 §2.1).
+
 ``error_response`` is the one place where an ``ExchangeError`` becomes an HTTP response.
 Config and keys are parsed at start and on reload (SIGHUP, key files changing), never per
 request: handlers read the current ``Service`` and swap nothing but that reference.
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,12 +39,13 @@ from exchange.server.documents import zone_routes
 from exchange.server.fetcher import HttpFetcher
 from exchange.server.keyfiles import KeyFiles
 from exchange.server.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
-from exchange.server.wiring import build_core
+from exchange.server.wiring import build_core, cluster_fetchers
 from exchange.tokens import TokenExchangeRequest, TokenResponse, parse_token_request
 from runtime.configload import ConfigError
 from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
 from runtime.serving import Listener, run, serve
+from runtime.tls import ReloadingTls
 
 log = logging.getLogger("zonegate.exchange")
 access_log = logging.getLogger("zonegate.access")
@@ -110,7 +116,11 @@ class Service:
         return cls(
             core=core,
             auth=ClientAuthenticator(
-                config, fetch=fetcher, clock=time.time, observe=metrics.observe_fetch
+                config,
+                fetch=fetcher,
+                clock=time.time,
+                observe=metrics.observe_fetch,
+                issuer_fetchers=cluster_fetchers(config, fetcher),
             ),
             limiter=RateLimiter(
                 config.clients,
@@ -140,9 +150,9 @@ def adopt_issuer_keys(new: ExchangeCore, old: ExchangeCore) -> None:
     not turn cached keys into 503s. Only issuers configured the same way are adopted."""
     if _key_timing(new.config) != _key_timing(old.config):
         return
-    before = {t.issuer: t.jwks_uri for t in old.config.trusted_issuers}
+    before = {t.issuer: (t.jwks_uri, t.ca_file) for t in old.config.trusted_issuers}
     for trusted in new.config.trusted_issuers:
-        if trusted.issuer in before and before[trusted.issuer] == trusted.jwks_uri:
+        if before.get(trusted.issuer) == (trusted.jwks_uri, trusted.ca_file):
             new.issuer_keys[trusted.issuer] = old.issuer_keys[trusted.issuer]
 
 
@@ -159,6 +169,7 @@ class Runtime:
     fetcher: HttpFetcher
     config_path: Path | None = None
     ready: bool = False
+    tls: ReloadingTls | None = None  # the listener's TLS, when ``tls`` is configured
 
     async def reload(self) -> bool:
         """SIGHUP: re-read config and keys; an invalid config is refused and the old one serves."""
@@ -176,20 +187,25 @@ class Runtime:
         before = self.service.core.config
         if (config.listen, config.admin_listen) != (before.listen, before.admin_listen):
             log.warning("listen or admin_listen changed in config: takes effect on restart only")
+        if config.tls != before.tls:
+            log.warning("tls changed in config: takes effect on restart only")
         await _warm(service.core)
         self.service = service  # requests in flight finish with the generation they began with
         log.info("config reloaded", extra={"config": str(self.config_path)})
         return True
 
     def check_keys(self) -> bool:
-        """Re-read zone key files that changed; errors keep the old keys and are logged."""
+        """Re-read zone key files and TLS files that changed; errors keep the old ones and
+        are logged."""
+        if self.tls is not None:
+            self.tls.try_reload()
         errors = self.service.key_files.reload()
         for error in errors:
             log.error("zone key reload failed; previous keys kept", extra={"error": error})
         return not errors
 
     async def watch_keys(self, interval: float) -> None:
-        """Check key files every ``interval`` seconds, so rotation needs no SIGHUP."""
+        """Check key and TLS files every ``interval`` seconds, so rotation needs no SIGHUP."""
         while True:
             await asyncio.sleep(interval)
             self.check_keys()
@@ -286,7 +302,9 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     exchange_request = parse_token_request(form)
     outcome.subject = subject_hash(exchange_request.subject_token)
     outcome.audience, outcome.resource = exchange_request.audience, exchange_request.resource
-    presented = presented_credentials(authorization(request), form)
+    presented = presented_credentials(
+        authorization(request), form, certificate=peer_certificate(request)
+    )
     outcome.presented_client = presented.client_ids[0] if presented.client_ids else None
     client = await service.auth.authenticate(presented, now=time.time())
     outcome.client = client.client_id
@@ -297,6 +315,18 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     outcome.jti = str(response.claims.get("jti"))
     outcome.scope = response.scope
     return response
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    """The client certificate (DER) the listener verified against ``tls.client_ca_file``;
+    None without one (or without client CAs: nothing was verified)."""
+    tls = request.app[RUNTIME].tls
+    if tls is None or tls.client_ca_file is None or request.transport is None:
+        return None
+    ssl_object = request.transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return ssl_object.getpeercert(binary_form=True)
 
 
 def authorization(request: web.Request) -> str | None:
@@ -432,6 +462,13 @@ def create_app(
     metrics = ExchangeMetrics()
     fetcher = HttpFetcher(config.fetch_timeout)
     runtime = Runtime(Service.build(config, fetcher, metrics), metrics, fetcher, config_path)
+    if config.tls is not None:
+        runtime.tls = ReloadingTls(
+            config.tls.cert_file,
+            config.tls.key_file,
+            client_ca_file=config.tls.client_ca_file,
+            what="tls.cert_file/tls.key_file/tls.client_ca_file",
+        )
     app = web.Application(client_max_size=MAX_BODY, middlewares=[log_requests, json_errors])
     app[RUNTIME] = runtime
     app.router.add_post("/token", token)
@@ -493,7 +530,8 @@ def main(config_path: Path, *, log_level: str = "INFO") -> int:
     def on_drain() -> None:
         runtime.ready = False
 
-    listeners = [Listener("exchange", app, host, port)]
+    ssl_context = runtime.tls.context if runtime.tls is not None else None
+    listeners = [Listener("exchange", app, host, port, ssl_context=ssl_context)]
     if config.admin_listen is not None:
         listeners.append(Listener("admin", create_admin_app(app), *config.admin_listen))
     return run(serve(listeners, on_hup=on_hup, on_drain=on_drain))
