@@ -36,6 +36,9 @@ async def get_json(
     except aiohttp.ClientConnectorCertificateError as e:
         reason = getattr(e.certificate_error, "verify_message", None) or "verification failed"
         raise UntrustedCertificate(f"GET {url}: TLS certificate not trusted: {reason}") from e
+    except aiohttp.ClientConnectorError as e:  # its message shows the SSLContext's repr
+        reason = e.os_error.strerror or type(e.os_error).__name__
+        raise DocumentError(f"GET {url} failed: cannot connect: {reason}") from e
     except (aiohttp.ClientError, TimeoutError, OSError) as e:
         raise DocumentError(f"GET {url} failed: {type(e).__name__}: {e}") from e
     if len(body) > limit:

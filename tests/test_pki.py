@@ -574,3 +574,42 @@ def test_sidecar_check_of_the_client_certificate(pki: Pki) -> None:
     assert mismatch and "key values mismatch" in mismatch[0]
     assert any("exactly one credential" in e for e in errors())
     assert errors(ca_file="nope.pem")[0].startswith("exchange.ca_file: no such file")
+
+
+async def test_sidecar_refuses_a_token_endpoint_its_ca_file_does_not_vouch_for(
+    https_op: DevOpenIDProvider,
+    pki: Pki,
+    serve_exchange: Callable[..., Awaitable[Exchange]],
+    aiohttp_server: ServerFactory,
+) -> None:
+    """A sidecar whose ca_file is another CA does not talk to that endpoint: the call is a 503
+    saying the certificate is not trusted, and nothing reaches the upstream."""
+    exchange = await serve_exchange(mtls_document(https_op, pki))
+    red = Backend("red")
+    red_server = await aiohttp_server(red.app(), host="127.0.0.1")
+    config = parse_sidecar_config(
+        {
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "exchange": {
+                "mode": "remote",
+                "token_endpoint": f"{exchange.url}/token",
+                "client_id": "shop-frontend",
+                "client_secret": "s3cret-shop",
+                "ca_file": str(pki.other_ca_file),
+            },
+            "routes": [
+                {"upstream": str(red_server.make_url("")).rstrip("/"), "audience": "billing"}
+            ],
+        },
+        pki.dir,
+    )
+    proxy_app, _ = build_sidecar(config)
+    proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {https_op.login('alice')}"}
+        async with session.get(proxy.make_url("/x"), headers=headers) as r:
+            assert r.status == 503
+            body = await r.json()
+    assert "TLS certificate not trusted" in body["error_description"]
+    assert red.seen == []
