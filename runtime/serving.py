@@ -1,4 +1,9 @@
-"""Running aiohttp apps as a program: listen, say where, stop cleanly on SIGTERM/SIGINT."""
+"""Running aiohttp apps as a program: listen, say where, stop cleanly on SIGTERM/SIGINT.
+
+Draining (SIGTERM/SIGINT) never makes a client wait for nothing: the listeners stop accepting,
+idle keep-alive connections are closed at once, a request in flight is answered with
+``Connection: close`` and its connection closed after it, and the program exits as soon as no
+request is in flight (at the latest after ``grace``)."""
 
 from __future__ import annotations
 
@@ -45,10 +50,12 @@ async def serve(
     if on_hup is not None:
         hup = on_hup
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(hup()))
+    draining = Draining()
     runners: list[web.AppRunner] = []
     bound: list[tuple[str, str, int]] = []
     try:
         for listener in listeners:
+            draining.attach(listener.app)
             runner = web.AppRunner(listener.app, shutdown_timeout=LAST_CUT, handle_signals=False)
             await runner.setup()
             runners.append(runner)  # cleaned up even if binding fails (its sessions close)
@@ -71,9 +78,12 @@ async def serve(
             started(bound)
         await stop.wait()
         log.info("stopping: draining in-flight requests", extra={"grace": grace})
+        draining.started = True
         if on_drain is not None:
             on_drain()
+        started_at = loop.time()
         await drain(runners, grace)
+        log.info("drained", extra={"seconds": round(loop.time() - started_at, 3)})
     finally:
         await asyncio.gather(*(_cleanup(runner) for runner in runners))
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -81,23 +91,64 @@ async def serve(
     return 0
 
 
+class Draining:
+    """Once ``started``, every response says ``Connection: close``: a client learns from the
+    answer itself that this connection ends, and sends its next request elsewhere."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def attach(self, app: web.Application) -> None:
+        if not app.frozen:
+            app.on_response_prepare.append(self._on_prepare)
+
+    async def _on_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        if self.started:
+            response.force_close()  # the connection closes after this answer
+            response.headers["Connection"] = "close"  # (aiohttp may have set its headers already)
+
+
 async def drain(runners: Sequence[web.AppRunner], grace: float) -> None:
-    """Stop accepting on every listener, then give the requests in flight on all of them one
-    ``grace`` together. (aiohttp's own shutdown waits per app, and twice per connection: for
-    the handler, then again after asking it to stop; here it only has ``LAST_CUT`` left.)"""
+    """Stop accepting on every listener, close idle connections, and give the requests in
+    flight on all of them one ``grace`` together; return as soon as none is left. (aiohttp's
+    own shutdown waits per app, and twice per connection: for the handler, then again after
+    asking it to stop; here it only has ``LAST_CUT`` left.)"""
     for runner in runners:
         for site in list(runner.sites):
             await site.stop()
-        if runner.server is not None:
-            runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    while loop.time() < deadline and any(_busy(runner) for runner in runners):
+    while True:
+        busy = False
+        for runner in runners:
+            busy = _close_idle(runner) or busy
+        if not busy or loop.time() >= deadline:
+            return
         await asyncio.sleep(DRAIN_POLL)
 
 
-def _busy(runner: web.AppRunner) -> bool:
-    return runner.server is not None and bool(runner.server.connections)
+def _close_idle(runner: web.AppRunner) -> bool:
+    """Close every connection of ``runner`` that has no request in flight or queued (a busy one
+    closes after its answer); True while a busy one is left. Checked again on every poll: a
+    request that arrived just before its connection was told to close is still answered."""
+    busy = False
+    if runner.server is None:
+        return False
+    for connection in list(runner.server.connections):
+        if _in_flight(connection):
+            connection.close()  # no further request is read; closes after this answer
+            busy = True
+        else:
+            connection.force_close()  # idle keep-alive: nothing to wait for
+    return busy
+
+
+def _in_flight(connection: object) -> bool:
+    """A request is being handled or waits on this connection. (aiohttp keeps no public flag;
+    without these attributes, a connection counts as busy and the grace bounds the wait.)"""
+    handling = getattr(connection, "_request_in_progress", True)
+    queued = getattr(connection, "_messages", None)
+    return bool(handling) or queued is None or len(queued) > 0
 
 
 async def _cleanup(runner: web.AppRunner) -> None:

@@ -8,6 +8,12 @@ Every failure leaves here as an ``ExchangeError`` (the proxy maps it to HTTP in 
 an error answer is rebuilt from its code; 5xx, connect errors and timeouts become
 ``TemporarilyUnavailable`` (after bounded, jittered retries on connect errors and 5xx only);
 an answer the sidecar cannot use is a plain ``ExchangeError`` (server_error).
+
+A ``POST /token`` that fails on a pooled (kept-alive) connection before any byte of the answer
+arrived (the server closed it: a restart, a drain, its idle timeout) is sent again at once on
+a fresh connection, outside the retry budget: a token exchange has no side effect to
+duplicate, and each attempt authenticates anew (a ``private_key_jwt`` assertion is signed
+again, with a new ``jti``).
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ class RemoteExchanger:
         self._credential = client_credential(settings)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
         self._tls: ClientTls | None = None
         if settings.ca_file or settings.tls_client_cert_file:
             self._tls = ClientTls(
@@ -117,15 +124,26 @@ class RemoteExchanger:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """The pooled client: connections are kept alive between exchanges."""
         if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(
-                total=self.settings.timeout * 3,
-                sock_connect=self.settings.timeout,
-                sock_read=self.settings.timeout,
-            )
-            connector = aiohttp.TCPConnector(limit=32)
-            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+            self._session = self._new_session(aiohttp.TCPConnector(limit=32))
         return self._session
+
+    @property
+    def fresh_session(self) -> aiohttp.ClientSession:
+        """A client whose every request opens a new connection (none is reused)."""
+        if self._fresh is None or self._fresh.closed:
+            connector = aiohttp.TCPConnector(limit=8, force_close=True)
+            self._fresh = self._new_session(connector)
+        return self._fresh
+
+    def _new_session(self, connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+        timeout = aiohttp.ClientTimeout(
+            total=self.settings.timeout * 3,
+            sock_connect=self.settings.timeout,
+            sock_read=self.settings.timeout,
+        )
+        return aiohttp.ClientSession(timeout=timeout, connector=connector)
 
     async def start(self) -> None:
         """Discover the token endpoint (when only ``issuer`` is given), or check it answers."""
@@ -181,29 +199,64 @@ class RemoteExchanger:
         )
 
     async def _post(self, endpoint: str, request: TokenExchangeRequest) -> TokenResponse:
-        fields, headers = self._credential.authenticate(endpoint, time.time())
+        """One attempt; when the pooled connection it used was gone before any answer came,
+        one more at once on a fresh connection."""
+        try:
+            return await self._attempt(self.session, endpoint, request)
+        except _NoAnswer as e:
+            log.info(
+                "token endpoint closed a pooled connection (%s); sent again on a new one",
+                e.cause,
+                extra={"exchange": self.identity},
+            )
+        try:
+            return await self._attempt(self.fresh_session, endpoint, request)
+        except _NoAnswer as e:
+            raise EndpointUnavailable(f"token endpoint unreachable: {e.cause}") from e
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, endpoint: str, request: TokenExchangeRequest
+    ) -> TokenResponse:
+        fields, headers = self._credential.authenticate(endpoint, time.time())  # anew each time
         data = encode_token_request(request) + fields
         try:
-            async with self.session.post(
+            response = await session.post(
                 endpoint, data=data, headers=headers, allow_redirects=False, ssl=self._ssl
-            ) as response:
-                body = await _read_bounded(response)
-                return read_token_response(
-                    response.status,
-                    body,
-                    retry_after=response.headers.get("Retry-After"),
-                    now=time.time(),
-                )
+            )
         except aiohttp.ClientConnectorCertificateError as e:
             raise untrusted(e) from e  # retrying cannot help
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+        except aiohttp.ClientConnectorError as e:
+            raise EndpointUnavailable(f"token endpoint unreachable: {type(e).__name__}") from e
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            raise _NoAnswer(type(e).__name__) from e  # no byte of an answer had arrived
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise TemporarilyUnavailable(f"token endpoint failed: {type(e).__name__}") from e
+        try:
+            async with response:
+                body = await _read_bounded(response)
+        except aiohttp.ServerDisconnectedError as e:
             raise EndpointUnavailable(f"token endpoint unreachable: {type(e).__name__}") from e
         except (aiohttp.ClientError, TimeoutError) as e:
             raise TemporarilyUnavailable(f"token endpoint failed: {type(e).__name__}") from e
+        return read_token_response(
+            response.status,
+            body,
+            retry_after=response.headers.get("Retry-After"),
+            now=time.time(),
+        )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+
+
+class _NoAnswer(Exception):
+    """The connection was gone before any byte of the answer arrived."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
 
 
 def untrusted(e: aiohttp.ClientConnectorCertificateError) -> TemporarilyUnavailable:

@@ -1,0 +1,219 @@
+"""Rolling updates with real processes on 127.0.0.1: drains that close idle connections at once,
+a sidecar whose exchange client rides over an exchange-server restart, reloads that keep the
+token cache, and readiness when one zone's exchange is down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp.test_utils import TestServer
+from yarl import URL
+
+from devkit.provider import DevOpenIDProvider
+from exchange.keys import generate_private_key, signing_key
+from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TokenExchangeRequest
+from sidecar.config import RemoteExchange
+from sidecar.exchanger import RemoteExchanger
+from tests.conftest import exchange_document
+from tests.test_faults import (
+    Program,
+    ServerFactory,
+    embedded_sidecar_document,
+    free_port,
+    write_yaml,
+)
+from tests.test_sidecar import Backend, wait_ready
+
+EXIT_ONCE_IDLE = 2.0  # seconds a drained program may take to exit once nothing is in flight
+
+
+@pytest.fixture
+async def programs() -> AsyncIterator[Callable[..., Program]]:
+    """Make programs; every one still running at the end is killed and its output scanned."""
+    made: list[Program] = []
+
+    def make(*args: str) -> Program:
+        made.append(Program(args))
+        return made[-1]
+
+    yield make
+    for program in made:
+        await program.stop()
+
+
+async def idle_keepalive(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw HTTP/1.1 connection that asked for ``url`` once and now sits idle, kept alive."""
+    parsed = URL(url)
+    reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+    writer.write(f"GET {parsed.path} HTTP/1.1\r\nHost: {parsed.host}\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head.lower()
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return reader, writer
+
+
+async def test_exchange_server_exits_at_once_despite_an_idle_keepalive_connection(
+    op: DevOpenIDProvider, programs: Callable[..., Program], tmp_path: Path
+) -> None:
+    """SIGTERM to `zonegate exchange` while a client holds an idle keep-alive connection: the
+    connection is closed at once and the program exits 0 within 2 s (not after the grace)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    document = exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
+    exchange = programs("exchange", "--config", str(write_yaml(tmp_path / "x.yaml", document)))
+    await exchange.start()
+    reader, writer = await idle_keepalive(url + "/healthz")
+    started = time.monotonic()
+    exchange.signal(signal.SIGTERM)
+    async with asyncio.timeout(EXIT_ONCE_IDLE):
+        assert await reader.read() == b""  # closed by the server, no answer owed
+    assert await exchange.wait() == 0
+    took = time.monotonic() - started
+    writer.close()
+    assert took < EXIT_ONCE_IDLE, took
+
+
+async def test_sidecar_drain_answers_in_flight_with_connection_close_and_exits_once_idle(
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    programs: Callable[..., Program],
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to `zonegate sidecar` with one request in flight (slow upstream, 1 s) and one idle
+    keep-alive connection: the idle one closes at once, the request still gets the upstream's
+    201 carrying `Connection: close`, and the program exits 0 within 2 s after it."""
+    red = Backend("red", delay=1.0)
+    server: TestServer = await aiohttp_server(red.app(), host="127.0.0.1")
+    route = {
+        "name": "red",
+        "path_prefix": "/red/",
+        "upstream": str(server.make_url("")).rstrip("/"),
+        "audience": "billing",
+    }
+    document = embedded_sidecar_document(op, [route])
+    document["shutdown_grace"] = 30
+    sidecar = programs("sidecar", "--config", str(write_yaml(tmp_path / "s.yaml", document)))
+    listening = await sidecar.start()
+    headers = {"Authorization": f"Bearer {op.mint()}"}
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, listening["admin"] + "/readyz")
+        reader, writer = await idle_keepalive(listening["admin"] + "/healthz")
+
+        async def slow() -> tuple[int, str]:
+            async with session.get(listening["sidecar"] + "/red/slow", headers=headers) as r:
+                await r.read()
+                return r.status, r.headers.get("Connection", "")
+
+        in_flight = asyncio.create_task(slow())
+        async with asyncio.timeout(5):
+            while not red.seen:
+                await asyncio.sleep(0.01)
+        sidecar.signal(signal.SIGTERM)
+        async with asyncio.timeout(0.5):
+            assert await reader.read() == b""  # the idle connection did not wait for the drain
+        writer.close()
+        assert await in_flight == (201, "close")
+        answered = time.monotonic()
+        assert await sidecar.wait() == 0
+        assert time.monotonic() - answered < EXIT_ONCE_IDLE
+
+
+# -- the sidecar's exchange client across a closed pooled connection ------------------------------
+
+
+class ClosingTokenEndpoint:
+    """A raw HTTP/1.1 token endpoint that answers the first request on each connection (kept
+    alive) and closes the connection, unanswered, when a second one arrives on it: what a
+    restarting exchange server does to a pooled connection in the worst moment."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []  # form fields, in arrival order
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/token"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            for answered in (False, True):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                body = (await reader.readexactly(length)).decode()
+                self.requests.append(dict(parse_qsl(body)))
+                if answered:
+                    return  # the second request on this connection: closed, no answer
+                answer = json.dumps(
+                    {
+                        "access_token": f"zone-token-{len(self.requests)}",
+                        "token_type": "Bearer",
+                        "expires_in": 300,
+                        "issued_token_type": TOKEN_TYPE_ACCESS_TOKEN,
+                    }
+                ).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_exchange_on_a_pooled_connection_closed_unanswered_is_sent_again_at_once() -> None:
+    """The exchange server closes the sidecar's pooled connection just as a POST /token goes out:
+    the exchange still succeeds (retries: 0 — the resend is not a retry of a failure), at once,
+    on a new connection, with a newly signed private_key_jwt assertion (a new jti)."""
+    endpoint = ClosingTokenEndpoint()
+    url = await endpoint.start()
+    settings = RemoteExchange(
+        client_id="signer",
+        token_endpoint=url,
+        client_key=signing_key(generate_private_key("ES256")),
+        retries=0,
+    )
+    exchanger = RemoteExchanger(settings)
+    request = TokenExchangeRequest(subject_token="subject-token", audience=("billing",))
+    try:
+        first = await exchanger.exchange(request)
+        started = time.monotonic()
+        second = await exchanger.exchange(request)
+        took = time.monotonic() - started
+    finally:
+        await exchanger.close()
+        await endpoint.close()
+    assert (first.access_token, second.access_token) == ("zone-token-1", "zone-token-3")
+    assert endpoint.connections == 2 and len(endpoint.requests) == 3
+    assert took < 0.5, took  # no backoff pause
+    jtis = [jwt.decode(r["client_assertion"], options={"verify_signature": False})["jti"]
+            for r in endpoint.requests]  # fmt: skip
+    assert len(set(jtis)) == 3
