@@ -99,6 +99,9 @@ class Sidecar:
     async def reload(self, path: Path) -> bool:
         """SIGHUP: re-read the config, build routes, exchangers and cache, swap them in at once.
 
+        The new cache keeps every entry whose route target and exchange identity are unchanged
+        (the exchange identity is stable within one process); the others are evicted (reload).
+
         An invalid config is refused with its errors logged; the old one keeps serving. Exchangers
         whose settings did not change are kept (their connections and issuer keys with them);
         the replaced ones close once requests in flight had ``shutdown_grace`` to finish.
@@ -123,13 +126,18 @@ class Sidecar:
             on_event=self.metrics.observe_cache,
             on_evict=self.metrics.observe_eviction,
         )
+        made = {(r.target, config.exchange_for(r).identity) for r in config.routes}
+        kept = cache.adopt(self.cache, lambda key: (key.target, key.exchange) in made)
         proxy = Proxy(config, cache, exchangers, self.metrics)
         proxy.upstream = self._upstream_for(config)
         old = (self.cache, self.exchangers, self.proxy.upstream)
         self.config, self.cache, self.exchangers, self.proxy = config, cache, exchangers, proxy
         self._retire(old[0], [e for i, e in old[1].items() if exchangers.get(i) is not e],
                      old[2] if old[2] is not proxy.upstream else None)  # fmt: skip
-        log.info("config reloaded", extra={"config": str(path), "routes": len(config.routes)})
+        log.info(
+            "config reloaded",
+            extra={"config": str(path), "routes": len(config.routes), "cache_entries_kept": kept},
+        )
         return True
 
     def _exchangers_for(self, config: SidecarConfig) -> dict[str, Exchanger]:

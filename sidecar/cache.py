@@ -9,6 +9,9 @@
   the subject's own ``exp`` are not refreshed: a new exchange could not outlive them.
 * A subject refused by the exchange (``invalid_request``) is remembered for ``negative_ttl``
   seconds, so a client retrying a bad token does not hammer the core.
+* A config reload hands the entries over (``adopt``): every entry whose route target and
+  exchange identity the new config still has is kept; the others are dropped and counted as
+  evictions with reason ``reload``.
 
 Raw tokens are never keys: a key holds the subject token's SHA-256 only.
 """
@@ -32,7 +35,9 @@ log = logging.getLogger("zonegate.sidecar.cache")
 
 Clock = Callable[[], float]
 CacheEvent = Callable[[str], None]  # a lookup: hit | miss | coalesced
-Eviction = Callable[[str, int], None]  # (reason, how many): expired | capacity | upstream_401
+Eviction = Callable[
+    [str, int], None
+]  # (reason, how many): expired | capacity | upstream_401 | reload
 Fetch = Callable[[], Awaitable["Issued"]]
 JITTER = 0.1  # refresh-ahead point moves by up to this fraction of the entry's life
 
@@ -131,6 +136,25 @@ class TokenCache:
             self._on_event("miss")
             issued = await asyncio.shield(self._fly(key, fetch))
         return issued.access_token
+
+    def adopt(self, old: TokenCache, still_made: Callable[[CacheKey], bool]) -> int:
+        """Take over ``old``'s entries (and remembered refusals) that ``still_made`` says this
+        config can still produce; the rest are counted as ``reload`` evictions. Returns how many
+        entries were kept."""
+        old._store.expire()
+        kept = dropped = 0
+        for key, entry in list(old._store.items()):
+            if still_made(key):
+                self._store[key] = entry
+                kept += 1
+            else:
+                dropped += 1
+        for key, refusal in list(old._refused.items()):
+            if still_made(key):
+                self._refused[key] = refusal
+        if dropped:
+            self._on_evict("reload", dropped)
+        return kept
 
     def evict(self, key: CacheKey) -> None:
         """Drop an entry an upstream refused, so the next request exchanges afresh."""

@@ -18,7 +18,7 @@ NO_ROUTE = "none"
 UNKNOWN_ZONE = "unknown"
 MAX_ZONES = 64
 CACHE_RESULTS = ("hit", "miss", "coalesced")
-EVICTION_REASONS = ("expired", "capacity", "upstream_401")
+EVICTION_REASONS = ("expired", "capacity", "upstream_401", "reload")
 
 
 class SidecarMetrics:
@@ -51,7 +51,7 @@ class SidecarMetrics:
         self._cache_children = {r: self.token_cache.labels(result=r) for r in CACHE_RESULTS}
         self.evictions = Counter(
             "zonegate_sidecar_token_cache_evictions",
-            "Cache entries dropped before use: expired, capacity (LRU), upstream_401.",
+            "Cache entries dropped before use: expired, capacity (LRU), upstream_401, reload.",
             ["reason"],
             registry=self.registry,
         )

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl
 
 import aiohttp
@@ -26,9 +27,14 @@ from sidecar.exchanger import RemoteExchanger
 from tests.conftest import exchange_document
 from tests.test_faults import (
     Program,
+    Result,
     ServerFactory,
+    Steady,
     embedded_sidecar_document,
     free_port,
+    load,
+    statuses,
+    timed,
     write_yaml,
 )
 from tests.test_sidecar import Backend, wait_ready
@@ -217,3 +223,106 @@ async def test_exchange_on_a_pooled_connection_closed_unanswered_is_sent_again_a
     jtis = [jwt.decode(r["client_assertion"], options={"verify_signature": False})["jti"]
             for r in endpoint.requests]  # fmt: skip
     assert len(set(jtis)) == 3
+
+
+# -- remote-mode sidecar and exchange server, both as programs ------------------------------------
+
+
+async def metric(session: aiohttp.ClientSession, admin: str, line_start: str) -> float:
+    """The sum of the samples on /metrics whose line starts with ``line_start``."""
+    async with session.get(admin + "/metrics") as r:
+        text = await r.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)
+    )
+
+
+def remote_sidecar_document(
+    exchange_url: str, routes: list[dict[str, Any]], **overrides: Any
+) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "shutdown_grace": 5,
+        "exchange": {
+            "mode": "remote",
+            "token_endpoint": exchange_url + "/token",
+            "client_id": "shop-frontend",
+            "client_secret": "s3cret-shop",
+        },
+        "routes": routes,
+        **overrides,
+    }
+
+
+def route(name: str, upstream: str, audience: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "path_prefix": f"/{name}/", "upstream": upstream, "audience": audience,
+            **more}  # fmt: skip
+
+
+async def test_sighup_under_load_keeps_cached_users_cached(
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    programs: Callable[..., Program],
+    tmp_path: Path,
+) -> None:
+    """Two SIGHUPs while 20 cached users call /red/ steadily: not one red exchange more, every
+    request 201; /green/, whose scope the reload changed, is evicted (reason reload) and
+    exchanged again; and with the exchange server then down, the cached users still get 201."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exchange_doc = exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
+    exchange = programs("exchange", "--config", str(write_yaml(tmp_path / "x.yaml", exchange_doc)))
+    await exchange.start()
+    backend = Backend("zone")
+    upstream = str((await aiohttp_server(backend.app(), host="127.0.0.1")).make_url("")).rstrip("/")
+    routes = [route("red", upstream, "billing"), route("green", upstream, "orders")]
+    document = remote_sidecar_document(url, routes)
+    config = write_yaml(tmp_path / "s.yaml", document)
+    sidecar = programs("sidecar", "--config", str(config))
+    listening = await sidecar.start()
+    proxy, admin = listening["sidecar"], listening["admin"]
+    users = [{"Authorization": f"Bearer {op.mint({'sub': f'user{i}'})}"} for i in range(20)]
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, admin + "/readyz")
+
+        async def call(path: str, i: int) -> Result:
+            return await timed(session.get(f"{proxy}{path}{i}", headers=users[i % len(users)]))
+
+        warm = await load(40, 20, lambda i: call("/red/" if i < 20 else "/green/", i))
+        assert statuses(warm) == {201: 40}
+        red_exchanges = 'zonegate_sidecar_exchanges_total{outcome="ok",zone="red"}'
+        green_exchanges = 'zonegate_sidecar_exchanges_total{outcome="ok",zone="green"}'
+        assert await metric(session, admin, red_exchanges) == 20
+        steady = Steady(lambda i: call("/red/", i), seconds=8.0)
+        running = asyncio.create_task(steady.run(workers=20))
+        await steady.until(lambda r: r.status == 201)
+        document["routes"] = [
+            route("red", upstream, "billing"),
+            route("green", upstream, "orders", scope="orders:read"),  # a new target
+            route("blue", upstream, "billing", path_prefix="/blue/"),
+        ]
+        write_yaml(config, document)
+        for _ in range(2):
+            mark = len(sidecar.err)
+            sidecar.signal(signal.SIGHUP)
+            async with asyncio.timeout(5):
+                while not any("config reloaded" in line for line in sidecar.err[mark:]):
+                    await asyncio.sleep(0.02)
+            await steady.until(lambda r: r.status == 201)
+        steady.stopped = True
+        results = await running
+        assert statuses(results) == {201: len(results)}, statuses(results)
+        assert len(results) >= 100
+        assert await metric(session, admin, red_exchanges) == 20  # no red exchange after reloads
+        reloaded = 'zonegate_sidecar_token_cache_evictions_total{reason="reload"}'
+        assert await metric(session, admin, reloaded) == 20  # green's 20 entries only
+        green = await load(20, 20, lambda i: call("/green/", i))
+        assert statuses(green) == {201: 20}
+        assert await metric(session, admin, green_exchanges) == 40
+        exchange.signal(signal.SIGTERM)
+        assert await exchange.wait() == 0
+        cached = await load(20, 20, lambda i: call("/red/", i))
+        assert statuses(cached) == {201: 20}  # served from the cache with the exchange down
+    sidecar.signal(signal.SIGTERM)
+    assert await sidecar.wait() == 0
