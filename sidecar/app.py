@@ -2,8 +2,11 @@
 
 ``build_sidecar(config)`` returns ``(proxy_app, admin_app)``; both share one ``Sidecar`` (under
 ``SIDECAR``). Readiness (``/readyz``) is true once the config is loaded, both apps are started
-and every exchanger was reached once (embedded: core built and issuer keys warmed, or tried;
-remote: token endpoint discovered or answering), and false again while draining. A later
+and every required exchanger was reached once (embedded: core built and issuer keys warmed, or
+tried; remote: token endpoint discovered or answering), and false again while draining. An
+exchange is required unless it says ``required: false``; a route's own exchange defaults to
+false (one zone's exchange down must not keep the pod from serving the other zones), the
+top-level one to true. The others are tried behind readiness until reached. A later
 outage of a remote core shows in 503s and metrics, never in readiness: flipping every pod
 unready at once would turn a core outage into a total one.
 """
@@ -90,6 +93,8 @@ class Sidecar:
         }
         self.proxy = Proxy(config, self.cache, self.exchangers, self.metrics)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._reaching: set[asyncio.Future[None]] = set()  # optional exchanges not reached yet
+        self._reached: set[str] = set()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -193,20 +198,37 @@ class Sidecar:
         return exchanger if isinstance(exchanger, EmbeddedExchanger) else None
 
     async def reach_exchangers(self) -> None:
-        """Try each exchanger until it answers once; then the sidecar may report ready."""
-        for exchanger in self.exchangers.values():
-
-            def warn(e: Exception, pause: float, exchanger: Exchanger = exchanger) -> None:
-                log.warning(
-                    "exchange not reachable yet: %s", e, extra={"exchange": exchanger.identity}
-                )
-
-            # keep trying: readiness stays false meanwhile
-            await retrying(exchanger.start, retry_on=Exception, backoff=REACH, on_retry=warn)
+        """Try every exchanger at once until each answered once. The sidecar is ready when the
+        required ones were reached; the others (``required: false``) keep being tried behind
+        it, and their routes answer 503 while their exchange cannot be reached."""
+        required = self.config.required_exchanges()
+        optional = [e for i, e in self.exchangers.items() if i not in required]
+        for exchanger in optional:
+            reaching = asyncio.ensure_future(self._reach_one(exchanger))
+            self._reaching.add(reaching)
+            reaching.add_done_callback(self._reaching.discard)
+        await asyncio.gather(
+            *(self._reach_one(e) for i, e in self.exchangers.items() if i in required)
+        )
         self.readiness.exchange_reached = True
-        log.info("exchange reached; ready")
+        log.info("exchange reached; ready", extra={"not_yet_reached": len(self._unreached())})
+
+    async def _reach_one(self, exchanger: Exchanger) -> None:
+        def warn(e: Exception, pause: float) -> None:
+            log.warning("exchange not reachable yet: %s", e, extra={"exchange": exchanger.identity})
+
+        # keep trying: readiness stays false meanwhile if this exchange is required
+        await retrying(exchanger.start, retry_on=Exception, backoff=REACH, on_retry=warn)
+        self._reached.add(exchanger.identity)
+
+    def _unreached(self) -> list[str]:
+        return [i for i in self.exchangers if i not in self._reached]
 
     async def close(self) -> None:
+        reaching = list(self._reaching)
+        for future in reaching:
+            future.cancel()
+        await asyncio.gather(*reaching, return_exceptions=True)
         for task in list(self._retiring):
             task.cancel()  # its cleanup runs now
         await asyncio.gather(*self._retiring, return_exceptions=True)

@@ -41,6 +41,7 @@ REQUESTED_TOKEN_TYPES = {
 }
 ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
 LOADED = {"loaded": True}  # a field loaded from files the config names: not part of identity
+READINESS = {"loaded": True}  # how readiness treats an exchange: not part of its identity
 _IDENTITY_KEY = secrets.token_bytes(32)
 HOST = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$|^\[[0-9a-f:.]+\](:\d{1,5})?$")
 
@@ -63,6 +64,7 @@ class EmbeddedExchange:
     client_id: str
     core: ExchangeConfig = field(repr=False)
     keys: KeyRing | None = field(default=None, repr=False, compare=False, metadata=LOADED)
+    required: bool = field(default=True, compare=False, metadata=READINESS)
     mode = "embedded"
 
     @property
@@ -88,6 +90,7 @@ class RemoteExchange:
     tls_client_key_file: Path | None = None
     timeout: float = 1.0
     retries: int = 2
+    required: bool = field(default=True, compare=False, metadata=READINESS)
     mode = "remote"
 
     @property
@@ -164,10 +167,20 @@ class SidecarConfig:
         """Every distinct exchange the routes use, by identity."""
         return {s.identity: s for s in (self.exchange_for(r) for r in self.routes)}
 
+    def required_exchanges(self) -> set[str]:
+        """The identities of the exchanges readiness waits for: those some route uses whose
+        ``required`` is true (the top-level exchange by default, a route's own one if set)."""
+        used = [self.exchange_for(r) for r in self.routes]
+        return {s.identity for s in used if s.required}
+
 
 def read_sidecar(node: Node) -> SidecarConfig:
     """Build a SidecarConfig from a document node, recording every problem."""
-    exchange = read_exchange_settings(node.child("exchange")) if node.has("exchange") else None
+    exchange = (
+        read_exchange_settings(node.child("exchange"), required=True)
+        if node.has("exchange")
+        else None
+    )
     node.raw("exchange")
     routes = tuple(read_route(i, n) for i, n in enumerate(node.children("routes", required=True)))
     for i, route in enumerate(routes):
@@ -188,8 +201,10 @@ def read_sidecar(node: Node) -> SidecarConfig:
     return config
 
 
-def read_exchange_settings(node: Node) -> ExchangeSettings:
-    """``exchange:`` at the top or in a route: embedded or remote."""
+def read_exchange_settings(node: Node, *, required: bool = True) -> ExchangeSettings:
+    """``exchange:`` at the top or in a route: embedded or remote. ``required`` (whether the
+    sidecar waits for it before it is ready) defaults to true at the top, false in a route:
+    one zone's exchange being down must not keep the pod from serving the other zones."""
     mode = node.choice("mode", ("embedded", "remote"), "embedded")
     client_id = node.text("client_id") or ""
     settings: ExchangeSettings
@@ -197,6 +212,7 @@ def read_exchange_settings(node: Node) -> ExchangeSettings:
         settings = _read_remote(node, client_id)
     else:
         settings = _read_embedded(node, client_id)
+    settings = replace(settings, required=node.flag("required", required))
     node.finish()
     return settings
 
@@ -332,7 +348,11 @@ def read_route(index: int, node: Node) -> Route:
         upstream=_upstream(node),
         target=_read_target(node),
         missing_token=node.choice("missing_token", ("reject", "forward"), "reject"),
-        exchange=read_exchange_settings(node.child("exchange")) if node.has("exchange") else None,
+        exchange=(
+            read_exchange_settings(node.child("exchange"), required=False)
+            if node.has("exchange")
+            else None
+        ),
     )
     node.raw("exchange")
     node.finish()

@@ -20,9 +20,12 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from devkit.provider import DevOpenIDProvider
+from exchange.config import parse_exchange_config
 from exchange.keys import generate_private_key, signing_key
+from exchange.server.app import create_app
 from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TokenExchangeRequest
-from sidecar.config import RemoteExchange
+from sidecar.app import build_sidecar
+from sidecar.config import RemoteExchange, parse_sidecar_config
 from sidecar.exchanger import RemoteExchanger
 from tests.conftest import exchange_document
 from tests.test_faults import (
@@ -326,3 +329,62 @@ async def test_sighup_under_load_keeps_cached_users_cached(
         assert statuses(cached) == {201: 20}  # served from the cache with the exchange down
     sidecar.signal(signal.SIGTERM)
     assert await sidecar.wait() == 0
+
+
+# -- readiness in segregated mode --------------------------------------------------------------
+
+
+async def test_one_zone_exchange_down_at_start_does_not_keep_the_pod_unready(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Segregated mode, green's exchange server down at start: the sidecar is ready (a route's
+    exchange is not required by default), red serves 201, green answers 503 with Retry-After,
+    and green serves once its exchange server comes up, without a restart. Marked
+    `required: true`, the same down exchange keeps another sidecar unready."""
+    red_port, green_port = free_port(), free_port()
+    red_url, green_url = f"http://127.0.0.1:{red_port}", f"http://127.0.0.1:{green_port}"
+    red_exchange = create_app(
+        parse_exchange_config(exchange_document(op, issuer=red_url), tmp_path)
+    )
+    await aiohttp_server(red_exchange, host="127.0.0.1", port=red_port)
+    backend = Backend("zone")
+    upstream = str((await aiohttp_server(backend.app(), host="127.0.0.1")).make_url("")).rstrip("/")
+
+    def own_exchange(url: str, **more: Any) -> dict[str, Any]:
+        return {"mode": "remote", "token_endpoint": url + "/token", "client_id": "shop-frontend",
+                "client_secret": "s3cret-shop", "retries": 0, **more}  # fmt: skip
+
+    async def sidecar(**green_more: Any) -> tuple[str, str]:
+        document = {
+            "listen": "127.0.0.1:0",
+            "admin_listen": "127.0.0.1:0",
+            "routes": [
+                route("red", upstream, "billing", exchange=own_exchange(red_url)),
+                route("green", upstream, "orders", exchange=own_exchange(green_url, **green_more)),
+            ],
+        }
+        proxy_app, admin_app = build_sidecar(parse_sidecar_config(document, tmp_path))
+        admin = await aiohttp_server(admin_app, host="127.0.0.1")
+        proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+        return str(proxy.make_url("")).rstrip("/"), str(admin.make_url("")).rstrip("/")
+
+    headers = {"Authorization": f"Bearer {op.mint()}"}
+    async with aiohttp.ClientSession() as session:
+        proxy, admin = await sidecar()
+        await wait_ready(session, admin + "/readyz")
+        red = await timed(session.get(proxy + "/red/x", headers=headers))
+        green = await timed(session.get(proxy + "/green/x", headers=headers))
+        assert (red.status, green.status) == (201, 503)
+        assert green.retry_after is not None
+        _, strict_admin = await sidecar(required=True)
+        await asyncio.sleep(1.0)  # it keeps trying green
+        async with session.get(strict_admin + "/readyz") as r:
+            assert r.status == 503
+            assert (await r.json())["checks"]["exchange_reached"] is False
+        green_exchange = create_app(
+            parse_exchange_config(exchange_document(op, issuer=green_url), tmp_path)
+        )
+        await aiohttp_server(green_exchange, host="127.0.0.1", port=green_port)
+        green = await timed(session.get(proxy + "/green/x", headers=headers))
+        assert green.status == 201
+        await wait_ready(session, strict_admin + "/readyz")
