@@ -388,3 +388,72 @@ async def test_one_zone_exchange_down_at_start_does_not_keep_the_pod_unready(
         green = await timed(session.get(proxy + "/green/x", headers=headers))
         assert green.status == 201
         await wait_ready(session, strict_admin + "/readyz")
+
+
+# -- a rolling update of the exchange server under load --------------------------------------------
+
+ROLLING_CLIENTS = 20  # concurrent app clients
+ROLLING_SECONDS = 4.0  # how long the load runs
+NEW_USER_EVERY = 5  # each client logs in as a new user every this many requests (an exchange)
+
+
+async def test_rolling_update_of_the_exchange_server_fails_no_app_request(
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    programs: Callable[..., Program],
+    tmp_path: Path,
+) -> None:
+    """A remote-mode sidecar under steady load (20 clients, about 4 s, a new user every 5th
+    request) while its exchange server is SIGTERMed and a new one started on the same port:
+    not one app request fails, and the old server exits within 2 s."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    exchange_config = write_yaml(
+        tmp_path / "x.yaml", exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
+    )
+    old = programs("exchange", "--config", str(exchange_config))
+    await old.start()
+    backend = Backend("zone")
+    upstream = str((await aiohttp_server(backend.app(), host="127.0.0.1")).make_url("")).rstrip("/")
+    document = remote_sidecar_document(url, [route("red", upstream, "billing")])
+    document["exchange"].update({"retries": 5, "timeout": 2})  # rides over the restart's gap
+    sidecar = programs("sidecar", "--config", str(write_yaml(tmp_path / "s.yaml", document)))
+    proxy = (await sidecar.start())["sidecar"]
+    tokens: dict[tuple[int, int], str] = {}
+
+    async def call(i: int) -> Result:
+        client, n = i % ROLLING_CLIENTS, i // ROLLING_CLIENTS
+        user = (client, n // NEW_USER_EVERY)
+        if user not in tokens:
+            tokens[user] = op.mint({"sub": f"user-{client}-{user[1]}"})
+        headers = {"Authorization": f"Bearer {tokens[user]}"}
+        return await timed(session.get(f"{proxy}/red/{i}", headers=headers))
+
+    async with aiohttp.ClientSession() as session:
+        await wait_ready(session, sidecar.listening()["admin"] + "/readyz")
+        steady = Steady(call, limit=20000, seconds=ROLLING_SECONDS)
+        running = asyncio.create_task(steady.run(workers=ROLLING_CLIENTS))
+        await asyncio.sleep(1.0)
+        before = len(steady.results)
+        sigterm = time.monotonic()
+        old.signal(signal.SIGTERM)
+        drained = await old.wait_for_log('"drained"')
+        assert await old.wait() == 0
+        old_exit = time.monotonic() - sigterm
+        new = programs("exchange", "--config", str(exchange_config))
+        await new.start()
+        gap = time.monotonic() - sigterm
+        results = await running
+    failed = len(results) - statuses(results).get(201, 0)
+    exchanges = len(tokens)
+    print(
+        f"rolling update: {len(results)} app requests ({before} before SIGTERM), "
+        f"{exchanges} users exchanged, failed {failed}; old exchange server exited "
+        f"{old_exit:.2f} s after SIGTERM ({drained.strip()}); new one listening "
+        f"{gap:.2f} s after SIGTERM"
+    )
+    assert failed == 0, statuses(results)
+    assert old_exit < EXIT_ONCE_IDLE, old_exit
+    assert len(results) > before > 0 and exchanges > ROLLING_CLIENTS
+    sidecar.signal(signal.SIGTERM)
+    assert await sidecar.wait() == 0
