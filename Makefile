@@ -17,12 +17,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# System tools the tests use: promtool (Debian's prometheus package); wrk, hey and nginx for
-# the benchmark (tests/test_bench.py runs it once at a tiny size).
+# System tools the tests use: promtool (Debian's prometheus package); redis-server for the
+# shared-state tests; wrk, hey and nginx for the benchmark (tests/test_bench.py runs it once at
+# a tiny size).
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (Debian package redis-server)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 	@missing=""; for t in wrk hey curl; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	  [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$$missing nginx-light"; \
 	  [ -z "$$missing" ] || { echo "installing$$missing"; apt-get update -qq && \
