@@ -153,6 +153,15 @@ def _assertion(assertion: str | None, assertion_type: str | None, form_id: str |
     return Presented(CLIENT_ASSERTION, (form_id,) if form_id else (), assertion=assertion)
 
 
+class ReplayGuard(Protocol):
+    """Where the ``jti`` of accepted client assertions are remembered (RFC 7523 §3): this
+    process (``ReplayCache``), or a store every replica shares (the server injects one)."""
+
+    async def remember(self, key: tuple[str, str], until: float, now: float) -> None:
+        """Record ``key`` (client_id, jti) until ``until``; InvalidClient if seen before, and
+        TemporarilyUnavailable when it cannot be checked (a replay is never let through)."""
+
+
 class ReplayCache:
     """Assertion ids (client, jti) seen until they expire: a jti is accepted once (RFC 7523 §3)."""
 
@@ -164,7 +173,7 @@ class ReplayCache:
     def __len__(self) -> int:
         return len(self._until)
 
-    def remember(self, key: tuple[str, str], until: float, now: float) -> None:
+    async def remember(self, key: tuple[str, str], until: float, now: float) -> None:
         """Record ``key`` until ``until``; seen before (and not yet expired) is invalid_client."""
         self._purge(now)
         if key in self._until:
@@ -200,7 +209,7 @@ class ClientAuthenticator:
         fetch: Fetcher,
         clock: Clock,
         observe: FetchObserver | None = None,
-        replay: ReplayCache | None = None,
+        replay: ReplayGuard | None = None,
         issuer_fetchers: Mapping[str, Fetcher] | None = None,
     ) -> None:
         """``issuer_fetchers``: the fetcher of a cluster issuer that has its own (its
@@ -210,7 +219,7 @@ class ClientAuthenticator:
         self._fetch = fetch
         self._clock = clock
         self._observe = observe
-        self._replay = replay or ReplayCache()
+        self._replay: ReplayGuard = replay or ReplayCache()
         root = config.issuer.rstrip("/")
         # RFC 7523 §3: aud identifies the authorization server: its token endpoint or issuer.
         self._audiences = (f"{root}/token", root, f"{root}/")
@@ -312,7 +321,7 @@ class ClientAuthenticator:
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
             raise InvalidClient("client_assertion needs a jti of 1 to 256 characters")
-        self._replay.remember((client.client_id, jti), exp + self._config.leeway, now)
+        await self._replay.remember((client.client_id, jti), exp + self._config.leeway, now)
         return client
 
     async def _client_key(self, client: ClientConfig, kid: str | None) -> jwt.PyJWK:

@@ -151,6 +151,21 @@ class ServerTls:
     client_ca_file: Path | None = None
 
 
+SHARED_STATE_BACKENDS = ("memory", "redis")
+KEY_PREFIX = re.compile(r"^[A-Za-z0-9_.:{}-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedStateConfig:
+    """Where the exchange server keeps the state its replicas share: the ``jti`` of accepted
+    client assertions and the rate-limit buckets. ``memory``: this process only."""
+
+    backend: str = "memory"
+    url: str | None = field(default=None, repr=False)  # holds the Redis password
+    ca_file: Path | None = None
+    key_prefix: str = "zonegate:"
+
+
 @dataclass(frozen=True, slots=True)
 class ExchangeConfig:
     """Everything the exchange core and server need."""
@@ -169,6 +184,7 @@ class ExchangeConfig:
     jwks_stale_for: int = 86400  # keys keep working this long while the issuer is unreachable
     fetch_timeout: float = 5.0
     tls: ServerTls | None = None  # None: listen serves plain HTTP
+    shared_state: SharedStateConfig = SharedStateConfig()  # server only
 
     def zone_issuer(self, zone: str) -> str:
         """The ``iss`` of tokens minted for ``zone``."""
@@ -215,9 +231,37 @@ def read_exchange(node: Node) -> ExchangeConfig:
         jwks_stale_for=node.integer("jwks_stale_for", 86400, maximum=7 * 86400),
         fetch_timeout=node.number("fetch_timeout", 5.0, minimum=0.1, maximum=60),
         tls=tls,
+        shared_state=_read_shared_state(node.child("shared_state")),
     )
     node.finish()
     return config
+
+
+def _read_shared_state(node: Node) -> SharedStateConfig:
+    """``shared_state:``: memory (default), or redis with ``url`` or ``url_file``."""
+    backend = node.choice("backend", SHARED_STATE_BACKENDS, "memory") or "memory"
+    url = node.secret("url")
+    ca_file = _ca_file(node, "ca_file")
+    key_prefix = node.text("key_prefix", "zonegate:") or "zonegate:"
+    if not KEY_PREFIX.match(key_prefix):
+        node.error("key_prefix", "use 1 to 64 letters, digits and . _ : - { }")
+    if backend == "memory":
+        for key, value in (("url", url), ("ca_file", ca_file)):
+            if value is not None:
+                node.error(key, "only with backend: redis (memory keeps the state in-process)")
+    elif url is None:
+        node.error("url", "required with backend: redis: give url or url_file")
+    elif READ_SECRETS.get():
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme not in ("redis", "rediss"):
+            # the value is not repeated: it holds the password
+            node.error(
+                "url", "must be a redis:// or rediss:// URL (redis://[:password@]host:port/db)"
+            )
+        elif ca_file is not None and scheme != "rediss":
+            node.error("ca_file", "needs a rediss:// (TLS) url")
+    node.finish()
+    return SharedStateConfig(backend, url, ca_file, key_prefix)
 
 
 def _url(node: Node, key: str) -> str | None:

@@ -284,16 +284,16 @@ def test_inline_jwks_without_usable_key_is_config_error() -> None:
         authenticator(replace(document_config, clients=clients))
 
 
-def test_replay_cache_forgets_expired_and_refuses_when_full() -> None:
+async def test_replay_cache_forgets_expired_and_refuses_when_full() -> None:
     """jtis are remembered until they expire; a full cache refuses rather than forgets."""
     cache = ReplayCache(max_entries=2)
-    cache.remember(("c", "1"), NOW + 10, NOW)
-    cache.remember(("c", "2"), NOW + 20, NOW)
+    await cache.remember(("c", "1"), NOW + 10, NOW)
+    await cache.remember(("c", "2"), NOW + 20, NOW)
     with pytest.raises(TemporarilyUnavailable):
-        cache.remember(("c", "3"), NOW + 20, NOW)
-    cache.remember(("c", "3"), NOW + 30, NOW + 11)  # "1" expired and was purged
+        await cache.remember(("c", "3"), NOW + 20, NOW)
+    await cache.remember(("c", "3"), NOW + 30, NOW + 11)  # "1" expired and was purged
     assert len(cache) == 2
-    cache.remember(("c", "1"), NOW + 40, NOW + 21)  # an expired jti may come back
+    await cache.remember(("c", "1"), NOW + 40, NOW + 21)  # an expired jti may come back
 
 
 def test_token_bucket_refills_at_rate() -> None:

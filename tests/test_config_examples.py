@@ -177,6 +177,12 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
     "jwks_max_age": 600,
     "jwks_stale_for": 3600,
     "fetch_timeout": 2,
+    "shared_state": {
+        "backend": "redis",
+        "url_file": "redis-url",
+        "ca_file": "redis-ca.pem",
+        "key_prefix": "zg:",
+    },
 }
 REMOTE: dict[str, Any] = {
     "mode": "remote",

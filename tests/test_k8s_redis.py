@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 
 from exchange.config import parse_exchange_config
+from runtime.configload import secrets_unread
 from tests.test_k8s_manifests import (
     CUSTOM_SCHEMAS,
     K8S,
@@ -81,9 +82,9 @@ def test_exchange_reads_the_url_from_the_secret_its_config_names(docs: Docs) -> 
     assert mount["readOnly"] is True and f"{mount['mountPath']}/url" == URL_FILE
     document = config_file(docs, "zonegate-exchange", "exchange.yaml")
     assert document["shared_state"] == {"backend": "redis", "url_file": URL_FILE}
-    # The rest of the config loads today; shared_state itself is read once the server wires it.
-    rest = {k: v for k, v in document.items() if k != "shared_state"}
-    parse_exchange_config(rest, Path("/"))
+    with secrets_unread():  # the key files and the URL file exist in the pod only
+        config = parse_exchange_config(document, Path("/"))
+    assert config.shared_state.backend == "redis"
 
 
 def test_only_the_exchange_pods_reach_redis(docs: Docs) -> None:

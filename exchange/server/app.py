@@ -37,13 +37,16 @@ from exchange.errors import ExchangeError, InvalidClient, InvalidRequest
 from exchange.ratelimit import RateLimiter
 from exchange.server.documents import zone_routes
 from exchange.server.fetcher import HttpFetcher
+from exchange.server.guards import SharedLimits, SharedReplay, build_state
 from exchange.server.keyfiles import KeyFiles
 from exchange.server.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
+from exchange.server.sharedstate import REDIS, SharedState, SharedStateUnavailable
 from exchange.server.wiring import build_core, cluster_fetchers
 from exchange.tokens import TokenExchangeRequest, TokenResponse, parse_token_request
 from runtime.configload import ConfigError
 from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
+from runtime.retry import Backoff, retrying
 from runtime.serving import Listener, run, serve
 from runtime.tls import ReloadingTls
 
@@ -57,6 +60,7 @@ MAX_FIELDS = 64
 MAX_LOGGED_PATH = 200
 MAX_LOGGED_VALUE = 200
 KEY_CHECK_INTERVAL = 10.0
+REACH_STATE = Backoff(base=0.2, cap=5.0)  # pauses between attempts to reach the shared state
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 BASIC_CHALLENGE = 'Basic realm="zonegate"'
 HTTP_ERRORS = {404: "not_found", 405: "invalid_request", 413: "invalid_request"}
@@ -97,6 +101,7 @@ class Service:
     auth: ClientAuthenticator
     limiter: RateLimiter
     key_files: KeyFiles
+    shared_limits: SharedLimits | None = None  # backend redis: the buckets every replica shares
 
     @classmethod
     def build(
@@ -105,8 +110,11 @@ class Service:
         fetcher: HttpFetcher,
         metrics: ExchangeMetrics,
         previous: Service | None = None,
+        *,
+        state: SharedState,
     ) -> Service:
-        """Load the zone keys and build everything the handlers use; ConfigError on bad keys."""
+        """Load the zone keys and build everything the handlers use; ConfigError on bad keys.
+        ``state`` outlives generations: a reload forgets no jti and no shared bucket."""
         key_files = KeyFiles(config)
         core = build_core(
             config, keys=key_files.ring, fetcher=fetcher, observe_fetch=metrics.observe_fetch
@@ -121,6 +129,7 @@ class Service:
                 clock=time.time,
                 observe=metrics.observe_fetch,
                 issuer_fetchers=cluster_fetchers(config, fetcher),
+                replay=SharedReplay(state, metrics.observe_shared_state_error),
             ),
             limiter=RateLimiter(
                 config.clients,
@@ -128,6 +137,11 @@ class Service:
                 clock=time.monotonic,
             ),
             key_files=key_files,
+            shared_limits=(
+                SharedLimits(state, metrics.observe_shared_state_error)
+                if state.backend == REDIS
+                else None
+            ),
         )
 
     def zone_of(self, request: TokenExchangeRequest, client: ClientConfig) -> str:
@@ -167,8 +181,10 @@ class Runtime:
     service: Service
     metrics: ExchangeMetrics
     fetcher: HttpFetcher
+    state: SharedState
     config_path: Path | None = None
     ready: bool = False
+    state_reached: bool = False  # the shared state answered once (readiness, with redis)
     tls: ReloadingTls | None = None  # the listener's TLS, when ``tls`` is configured
 
     async def reload(self) -> bool:
@@ -177,7 +193,9 @@ class Runtime:
             return self.check_keys()
         try:
             config = load_exchange_config(self.config_path)
-            service = Service.build(config, self.fetcher, self.metrics, self.service)
+            service = Service.build(
+                config, self.fetcher, self.metrics, self.service, state=self.state
+            )
         except ConfigError as e:
             log.error(
                 "config reload refused; the previous config keeps serving",
@@ -189,6 +207,8 @@ class Runtime:
             log.warning("listen or admin_listen changed in config: takes effect on restart only")
         if config.tls != before.tls:
             log.warning("tls changed in config: takes effect on restart only")
+        if config.shared_state != before.shared_state:
+            log.warning("shared_state changed in config: takes effect on restart only")
         await _warm(service.core)
         self.service = service  # requests in flight finish with the generation they began with
         log.info("config reloaded", extra={"config": str(self.config_path)})
@@ -210,9 +230,24 @@ class Runtime:
             await asyncio.sleep(interval)
             self.check_keys()
 
+    async def reach_state(self) -> None:
+        """Try the shared state until it answers once (readiness waits for it with redis)."""
+
+        def failed(e: Exception, pause: float) -> None:
+            self.metrics.observe_shared_state_error("start")
+            log.warning("shared state not reachable yet: %s", e)
+
+        await retrying(
+            self.state.start, retry_on=SharedStateUnavailable, backoff=REACH_STATE, on_retry=failed
+        )
+        self.state_reached = True
+        if self.state.backend == REDIS:
+            log.info("shared state reached", extra={"backend": self.state.backend})
+
     async def close(self) -> None:
-        """Release the shared fetcher's HTTP session."""
+        """Release the shared fetcher's HTTP session and the shared state's connections."""
         await self.fetcher.close()
+        await self.state.close()
 
 
 RUNTIME = web.AppKey("zonegate.exchange.runtime", Runtime)
@@ -310,7 +345,10 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     outcome.client = client.client_id
     CLIENT_ID.set(client.client_id)
     outcome.zone = service.zone_of(exchange_request, client)
-    service.limiter.check(client.client_id)
+    if service.shared_limits is not None:
+        await service.shared_limits.check(client)
+    else:
+        service.limiter.check(client.client_id)
     response = await service.core.exchange(exchange_request, client=client)
     outcome.jti = str(response.claims.get("jti"))
     outcome.scope = response.scope
@@ -381,8 +419,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: config and keys loaded. An upstream OP being down does not make us unready."""
-    return readiness({"config_and_keys_loaded": request.app[RUNTIME].ready})
+    """Readiness: config and keys loaded (and, with a redis shared state, Redis reached once at
+    start). An upstream OP or a later Redis outage does not make us unready."""
+    runtime = request.app[RUNTIME]
+    checks = {"config_and_keys_loaded": runtime.ready}
+    if runtime.state.backend == REDIS:
+        checks["shared_state_reached"] = runtime.state_reached
+    return readiness(checks)
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
@@ -461,7 +504,9 @@ def create_app(
     quiet_parse_errors()  # no request bytes (tokens) or tracebacks in logs, embedded or not
     metrics = ExchangeMetrics()
     fetcher = HttpFetcher(config.fetch_timeout)
-    runtime = Runtime(Service.build(config, fetcher, metrics), metrics, fetcher, config_path)
+    state = build_state(config.shared_state)
+    service = Service.build(config, fetcher, metrics, state=state)
+    runtime = Runtime(service, metrics, fetcher, state, config_path)
     if config.tls is not None:
         runtime.tls = ReloadingTls(
             config.tls.cert_file,
@@ -502,6 +547,7 @@ def _lifecycle(interval: float) -> Callable[[web.Application], AsyncIterator[Non
         tasks = [
             asyncio.create_task(_warm(runtime.service.core)),
             asyncio.create_task(runtime.watch_keys(interval)),
+            asyncio.create_task(runtime.reach_state()),
         ]
         runtime.ready = True  # config and zone keys are loaded: the core exists
         yield

@@ -13,6 +13,7 @@ from runtime.telemetry import LATENCY_BUCKETS, program_registry
 
 UNKNOWN_CLIENT = "unknown"
 NO_ZONE = "none"
+SHARED_STATE_OPERATIONS = ("start", "first_use", "take")
 
 
 class ExchangeMetrics:
@@ -40,6 +41,19 @@ class ExchangeMetrics:
             ["issuer", "outcome"],
             registry=self.registry,
         )
+
+        self.shared_state_errors = Counter(
+            "zonegate_shared_state_errors",
+            "Failed shared-state operations (start, first_use, take): Redis unreachable.",
+            ["operation"],
+            registry=self.registry,
+        )
+        for operation in SHARED_STATE_OPERATIONS:
+            self.shared_state_errors.labels(operation=operation)
+
+    def observe_shared_state_error(self, operation: str) -> None:
+        """Count one failed shared-state operation."""
+        self.shared_state_errors.labels(operation=operation).inc()
 
     def observe_fetch(self, issuer: str, outcome: str) -> None:
         """The ``observe`` hook of ``exchange.issuers.IssuerKeys``."""
