@@ -33,6 +33,7 @@ from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
 from runtime.retry import Backoff, retrying
 from runtime.serving import Listener, run, serve
+from sidecar.authz import check
 from sidecar.cache import Clock, TokenCache
 from sidecar.config import SidecarConfig, load_sidecar_config
 from sidecar.exchanger import EmbeddedExchanger, Exchanger, build_exchanger
@@ -121,7 +122,7 @@ class Sidecar:
                 extra={"config": str(path), "errors": errors},
             )
             return False
-        for listener in ("listen", "admin_listen"):
+        for listener in ("listen", "admin_listen", "authz_listen"):
             if getattr(config, listener) != getattr(self.config, listener):
                 log.warning("%s changed in config: takes effect on restart only", listener)
         await self._reach([e for i, e in exchangers.items() if self.exchangers.get(i) is not e])
@@ -369,6 +370,19 @@ def build_sidecar(
     return proxy_app, admin_app
 
 
+def build_authz_app(sidecar: Sidecar) -> web.Application:
+    """The authz listener's app (``authz_listen``): every request is a check, answered by the
+    proxy generation in force when it arrived (``sidecar.authz``)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return await check(sidecar.proxy, request)
+
+    app = web.Application(handler_args=proxy_server_args(sidecar.config))
+    app[SIDECAR] = sidecar
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
 async def serve_sidecar(config: SidecarConfig, config_path: Path | None = None) -> int:
     """Serve both listeners until SIGTERM/SIGINT, then drain and return 0; SIGHUP re-reads
     ``config_path``."""
@@ -379,11 +393,14 @@ async def serve_sidecar(config: SidecarConfig, config_path: Path | None = None) 
         if config_path is not None:
             await sidecar.reload(config_path)
 
+    listeners = [
+        Listener("sidecar", proxy_app, *config.listen),
+        Listener("admin", admin_app, *config.admin_listen),
+    ]
+    if config.authz_listen is not None:
+        listeners.append(Listener("authz", build_authz_app(sidecar), *config.authz_listen))
     return await serve(
-        [
-            Listener("sidecar", proxy_app, *config.listen),
-            Listener("admin", admin_app, *config.admin_listen),
-        ],
+        listeners,
         grace=config.shutdown_grace,
         on_hup=on_hup,
         on_drain=sidecar.readiness.drain,

@@ -114,13 +114,24 @@ class Route:
     """Where matching calls go and which token they carry there."""
 
     name: str
-    upstream: URL
+    upstream: URL | None  # None: served by the authz listener only
     target: Target
     host: str | None = None
     path_prefix: str = "/"
     strip_prefix: bool = False
     missing_token: str = "reject"
     exchange: ExchangeSettings | None = None  # None: the top-level exchange
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzSettings:
+    """The authz listener (Envoy ext_authz HTTP service, nginx auth_request)."""
+
+    path_prefix: str = "/check"  # what the proxy in front puts before the original path
+    # Headers the proxy would drop (spoofable identity, copies of the token): ``name`` them in
+    # x-envoy-auth-headers-to-remove (Envoy removes them), or ``refuse`` the call (nginx, which
+    # cannot remove a header it is told about at run time).
+    unsafe_headers: str = "name"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +163,8 @@ class SidecarConfig:
     exchange: ExchangeSettings | None = None
     listen: tuple[str, int] = ("127.0.0.1", 4480)
     admin_listen: tuple[str, int] = ("0.0.0.0", 4490)
+    authz_listen: tuple[str, int] | None = None
+    authz: AuthzSettings = AuthzSettings()
     cache: CacheSettings = CacheSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     max_header_size: int = 32768
@@ -192,13 +205,41 @@ def read_sidecar(node: Node) -> SidecarConfig:
         exchange=exchange,
         listen=parse_listen(node, "listen", "127.0.0.1:4480"),
         admin_listen=parse_listen(node, "admin_listen", "0.0.0.0:4490"),
+        authz_listen=(
+            parse_listen(node, "authz_listen", "127.0.0.1:4481")
+            if node.has("authz_listen")
+            else None
+        ),
+        authz=_read_authz(node.child("authz")),
         cache=_read_cache(node.child("cache")),
         upstream=_read_upstream(node.child("upstream")),
         max_header_size=node.integer("max_header_size", 32768, minimum=8190, maximum=1 << 20),
         shutdown_grace=node.number("shutdown_grace", 10.0, maximum=600),
     )
+    _check_upstreams(node, config)
     node.finish()
     return config
+
+
+def _read_authz(node: Node) -> AuthzSettings:
+    prefix = node.text("path_prefix", "/check")
+    if prefix is not None and (not _is_clean_prefix(prefix) or prefix == "/"):
+        node.error("path_prefix", f"must be a path such as /check, got {prefix!r}")
+    unsafe = node.choice("unsafe_headers", ("name", "refuse"), "name")
+    node.finish()
+    return AuthzSettings(path_prefix=(prefix or "/check").rstrip("/"), unsafe_headers=unsafe)
+
+
+def _check_upstreams(node: Node, config: SidecarConfig) -> None:
+    """A route without upstream serves the authz listener only: without one it is a typo."""
+    if config.authz_listen is not None:
+        return
+    for i, route in enumerate(config.routes):
+        if route.upstream is None:
+            node.problems.add(
+                f"routes[{i}].upstream",
+                "required (a route without upstream is for the authz listener: set authz_listen)",
+            )
 
 
 def read_exchange_settings(node: Node, *, required: bool = True) -> ExchangeSettings:
@@ -365,10 +406,10 @@ def _is_clean_prefix(prefix: str) -> bool:
     return not any(segment in (".", "..") for segment in prefix.split("/"))
 
 
-def _upstream(node: Node) -> URL:
-    value = node.text("upstream")
+def _upstream(node: Node) -> URL | None:
+    value = node.text("upstream", None)
     if value is None:
-        return URL("http://invalid")
+        return None
     url = URL(value)
     if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
         node.error("upstream", f"must be an http(s) URL without query or fragment, got {value!r}")

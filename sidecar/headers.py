@@ -156,3 +156,16 @@ def with_authorization(headers: CIMultiDict[str], token: str | None) -> CIMultiD
     if token is not None:
         out["Authorization"] = f"Bearer {token}"
     return out
+
+
+def removed_for_safety(headers: Headers, subject_token: str | None) -> list[str]:
+    """The incoming headers the proxy would not forward for safety: spoofable identity headers
+    and any holding a copy of the subject token; never ``Authorization`` (it is replaced)."""
+    names: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower == "authorization":
+            continue
+        if is_spoofable_identity(name) or (subject_token is not None and subject_token in value):
+            names.setdefault(lower, lower)
+    return sorted(names)

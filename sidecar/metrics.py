@@ -55,6 +55,12 @@ class SidecarMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.authz_checks = Counter(
+            "zonegate_sidecar_authz_checks",
+            "Authz listener checks by route and outcome (allowed, or the error code).",
+            ["route", "outcome"],
+            registry=self.registry,
+        )
         self._eviction_children = {r: self.evictions.labels(reason=r) for r in EVICTION_REASONS}
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self.cache_entries = Gauge(
@@ -95,6 +101,10 @@ class SidecarMetrics:
         if child is None:
             child = self._cache_children[result] = self.token_cache.labels(result=result)
         child.inc()
+
+    def observe_authz(self, route: str, outcome: str) -> None:
+        """One authz check (Envoy ext_authz, nginx auth_request): ``allowed`` or the error."""
+        self.authz_checks.labels(route=route, outcome=outcome).inc()
 
     def observe_eviction(self, reason: str, count: int = 1) -> None:
         child = self._eviction_children.get(reason)

@@ -82,7 +82,9 @@ class Proxy:
         metrics: SidecarMetrics,
     ) -> None:
         self.config = config
-        self.table = RouteTable(config.routes)
+        # Routes without upstream are the authz listener's alone (Envoy or nginx forwards).
+        self.table = RouteTable([r for r in config.routes if r.upstream is not None])
+        self.authz_table = RouteTable(config.routes)
         self.cache = cache
         self.exchangers = {  # by route name: an identity hashes every setting, once here
             route.name: exchangers[config.exchange_for(route).identity] for route in config.routes
@@ -127,7 +129,7 @@ class Proxy:
         match, original_host = self._match(request)
         call.route = match.route.name
         subject_token = bearer_token(request.headers)
-        token = await self._token_for(subject_token, match.route, call)
+        token = await self.token_for(subject_token, match.route, call)
         headers = upstream_headers(request.headers, _hop(request, original_host))
         drop_copies(headers, subject_token)
         if _is_websocket(request):
@@ -145,13 +147,13 @@ class Proxy:
     ) -> aiohttp.ClientResponse:
         """Send; an upstream 401 on an exchanged token evicts it and resends once with a fresh
         exchange, when the request is safe to send twice (docs/sidecar.md "Upstream 401")."""
-        response = await self._send(request, match.url, headers, token)
+        response = await self._send(request, url_of(match), headers, token)
         if response.status != 401 or call.key is None or not _replayable(request):
             return response
         response.release()
         self.cache.evict(call.key)
-        token = await self._token_for(bearer_token(request.headers), match.route, call)
-        return await self._send(request, match.url, headers, token)
+        token = await self.token_for(bearer_token(request.headers), match.route, call)
+        return await self._send(request, url_of(match), headers, token)
 
     def _match(self, request: web.Request) -> tuple[Match, str | None]:
         raw_target = request.raw_path
@@ -166,18 +168,16 @@ class Proxy:
             host = target.raw_host.lower()
             authority = f"{host}:{target.explicit_port}" if target.explicit_port else host
             raw_target = target.raw_path_qs
-        try:
-            match = self.table.match(authority, raw_target, absolute_form=absolute)
-        except BadPath as e:
-            raise ProxyError(400, "invalid_request", str(e)) from e
+        match = route_for(self.table, authority, raw_target, absolute=absolute)
         if match is None and absolute:
             raise ProxyError(403, "access_denied", f"no route for {authority}: not an open proxy")
         if match is None:
             raise ProxyError(404, "not_found", "no route matches this host and path")
         return match, authority
 
-    async def _token_for(self, subject_token: str | None, route: Route, call: Call) -> str | None:
-        """The zone token for this call, or None when the route forwards token-less calls."""
+    async def token_for(self, subject_token: str | None, route: Route, call: Call) -> str | None:
+        """The zone token for this call, or None when the route forwards token-less calls: the
+        decision the proxy and the authz listener share (cache, single flight, refusals)."""
         if subject_token is None:
             if route.missing_token == "forward":
                 return None
@@ -265,7 +265,7 @@ class Proxy:
         ]
         try:
             upstream = await self.session.ws_connect(
-                match.url,
+                url_of(match),
                 headers=with_authorization(headers, token),
                 protocols=[p for p in protocols if p],
                 ssl=self.upstream.ssl,
@@ -349,6 +349,21 @@ def operator_problem(e: ExchangeError) -> str | None:
     if type(e) is ExchangeError:
         return "the exchange gave an answer the sidecar cannot use"
     return None
+
+
+def route_for(
+    table: RouteTable, authority: str | None, raw_target: str, *, absolute: bool
+) -> Match | None:
+    """The route of a request target, escapes refused as the proxy refuses them (400)."""
+    try:
+        return table.match(authority, raw_target, absolute_form=absolute)
+    except BadPath as e:
+        raise ProxyError(400, "invalid_request", str(e)) from e
+
+
+def url_of(match: Match) -> URL:
+    assert match.url is not None, "the proxy's table holds routes with an upstream only"
+    return match.url
 
 
 def subject_expiry(token: str) -> float | None:

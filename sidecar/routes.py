@@ -36,7 +36,7 @@ class Match:
     """A matched route and the URL to forward to."""
 
     route: Route
-    url: URL
+    url: URL | None  # None: an authz-only route (no upstream; Envoy or nginx forwards)
 
 
 def normalise_path(raw_path: str) -> str:
@@ -140,8 +140,10 @@ def prefix_rest(prefix: str, path: str) -> str | None:
     return None
 
 
-def upstream_url(route: Route, path: str, query: str) -> URL:
+def upstream_url(route: Route, path: str, query: str) -> URL | None:
     """The upstream URL for a (normalised, maybe stripped) path and the original raw query."""
+    if route.upstream is None:
+        return None
     target = route.upstream.raw_path.rstrip("/") + path
     if query:
         target += "?" + query

@@ -27,7 +27,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     n: json.loads((ROOT / f"config/schema/{n}.schema.json").read_text())
     for n in ("exchange", "sidecar")
 }
-EXAMPLES = sorted((ROOT / "config").glob("*/*.yaml"))
+# zonegate's own configs; config/envoy/envoy.yaml is Envoy's (tests/test_mesh_configs.py)
+EXAMPLES = sorted(p for p in (ROOT / "config").glob("*/*.yaml") if p.name != "envoy.yaml")
 ENV = {
     "SHOP_FRONTEND_SECRET": "a",
     "SHOP_FRONTEND_RED_SECRET": "b",
@@ -194,6 +195,8 @@ REMOTE: dict[str, Any] = {
 KITCHEN_SINK_SIDECAR: dict[str, Any] = {
     "listen": "127.0.0.1:4480",
     "admin_listen": "127.0.0.1:4490",
+    "authz_listen": "127.0.0.1:4481",
+    "authz": {"path_prefix": "/check", "unsafe_headers": "refuse"},
     "exchange": {"mode": "embedded", "client_id": "a", "core": KITCHEN_SINK_CORE},
     "routes": [
         {

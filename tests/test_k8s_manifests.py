@@ -37,6 +37,7 @@ CUSTOM_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.json",
     ("cert-manager.io/v1", "Certificate"): "certificate.json",
     ("cert-manager.io/v1", "Issuer"): "issuer.json",
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"): "envoyfilter.json",
 }
 PINNED_METRICS = {
     "zonegate_sidecar_requests_total",

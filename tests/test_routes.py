@@ -93,7 +93,7 @@ def test_dot_segments_are_normalised_before_matching(
 ) -> None:
     """Dot segments, even encoded, are resolved first: the route matched is what upstream sees."""
     match = table.match("127.0.0.1", target, absolute_form=False)
-    assert match is not None
+    assert match is not None and match.url is not None
     assert (match.route.name, match.url.raw_path) == (route, path)
 
 
