@@ -136,6 +136,22 @@ def drop_copies(headers: CIMultiDict[str], subject_token: str | None) -> None:
         log.warning("request header holding the subject token dropped", extra={"header": name})
 
 
+def websocket_protocols(headers: Headers, subject_token: str | None) -> list[str]:
+    """The app's WebSocket subprotocols (RFC 6455 §4.1) to offer the upstream, in order.
+
+    The list is read from the app's own ``Sec-WebSocket-Protocol`` (the copy filter dropped
+    that header whole when it held the token); an entry holding the subject token (a token
+    passed as ``access_token.<T>``, as browsers must) is left out, with a warning.
+    """
+    offered = [
+        p.strip() for v in headers.getall("Sec-WebSocket-Protocol", []) for p in v.split(",")
+    ]
+    kept = [p for p in offered if p and (subject_token is None or subject_token not in p)]
+    if subject_token is not None and len(kept) < len([p for p in offered if p]):
+        log.warning("WebSocket subprotocol holding the subject token not offered upstream")
+    return kept
+
+
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     existing = ", ".join(headers.popall(name, []))
     headers[name] = f"{existing}, {value}" if existing else value

@@ -33,6 +33,7 @@ from sidecar.headers import (
     drop_copies,
     end_to_end,
     upstream_headers,
+    websocket_protocols,
     with_authorization,
 )
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
@@ -128,7 +129,8 @@ class Proxy:
         headers = upstream_headers(request.headers, _hop(request, original_host))
         drop_copies(headers, subject_token)
         if _is_websocket(request):
-            return await self._websocket(request, match, headers, token)
+            protocols = websocket_protocols(request.headers, subject_token)
+            return await self._websocket(request, match, headers, token, protocols)
         response = await self._send_replaying_401(request, match, headers, token, call)
         return await stream_back(request, response)
 
@@ -236,19 +238,21 @@ class Proxy:
             raise upstream_failure(e) from e
 
     async def _websocket(
-        self, request: web.Request, match: Match, headers: CIMultiDict[str], token: str | None
+        self,
+        request: web.Request,
+        match: Match,
+        headers: CIMultiDict[str],
+        token: str | None,
+        protocols: list[str],
     ) -> web.StreamResponse:
         """Exchange at the handshake, then relay messages both ways."""
         for name in WEBSOCKET_HANDSHAKE:
             headers.popall(name, None)
-        protocols = [
-            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-        ]
         try:
             upstream = await self.session.ws_connect(
                 match.url,
                 headers=with_authorization(headers, token),
-                protocols=[p for p in protocols if p],
+                protocols=protocols,
                 ssl=self.upstream.ssl,
             )
         except aiohttp.WSServerHandshakeError as e:

@@ -11,6 +11,7 @@ from sidecar.headers import (
     drop_copies,
     is_spoofable_identity,
     upstream_headers,
+    websocket_protocols,
     with_authorization,
 )
 
@@ -114,3 +115,22 @@ def test_zone_token_is_set_last_on_a_copy() -> None:
     assert list(out.items())[-1] == ("Authorization", "Bearer zone")
     assert "Authorization" not in headers
     assert "Authorization" not in with_authorization(headers, None)
+
+
+@pytest.mark.parametrize(
+    ("values", "offered"),
+    [
+        (["chat, superchat"], ["chat", "superchat"]),
+        ([f"chat, access_token.{TOKEN}"], ["chat"]),
+        (["chat", f"base64url.bearer.{TOKEN}, v2"], ["chat", "v2"]),
+        ([f"access_token.{TOKEN}"], []),
+        ([" , "], []),
+        ([], []),
+    ],
+)
+def test_websocket_subprotocols_holding_the_token_are_not_offered(
+    values: list[str], offered: list[str]
+) -> None:
+    """The upstream handshake offers the app's subprotocols, never one holding the token."""
+    headers = CIMultiDict(("Sec-WebSocket-Protocol", v) for v in values)
+    assert websocket_protocols(headers, TOKEN) == offered

@@ -645,6 +645,23 @@ async def test_websocket_upgrade_is_exchanged_and_relayed(running: Running) -> N
     assert (await running.zone_claims(token, "red", "billing"))["sub"] == "alice"
 
 
+async def test_a_websocket_subprotocol_holding_the_subject_token_is_not_offered_upstream(
+    running: Running,
+) -> None:
+    """Sec-WebSocket-Protocol entries carrying the token are dropped; the others are offered."""
+    subject = running.op.login("alice")
+    protocols = (f"access_token.{subject}", "zone.v1")
+    async with running.session.ws_connect(
+        running.url("/red/ws"), headers=running.bearer(subject), protocols=protocols
+    ) as ws:
+        assert ws.protocol == "zone.v1"
+        await ws.send_str("ping")
+        assert await ws.receive_str(timeout=5) == "red:ping"
+    seen = running.red.seen[-1].headers
+    assert seen["Sec-WebSocket-Protocol"] == "zone.v1"
+    assert subject not in json.dumps(list(seen.items()))
+
+
 # -- streaming ---------------------------------------------------------------------------------
 
 PAYLOAD = 200 * 1024 * 1024
