@@ -157,13 +157,34 @@ def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     headers[name] = f"{existing}, {value}" if existing else value
 
 
+class BadAuthorization(ValueError):
+    """``Authorization`` is present but is not exactly one RFC 6750 §2.1 Bearer credential:
+    RFC 6750 §3.1 ``invalid_request`` (HTTP 400), on every route. The message never quotes
+    the header's value."""
+
+
 def bearer_token(headers: Headers) -> str | None:
-    """The RFC 6750 §2.1 Bearer token of ``Authorization``, if it holds one."""
+    """The RFC 6750 §2.1 Bearer token of ``Authorization``; None when there is no such header.
+
+    A repeated header, another scheme (``Basic``, ``Token``), a tab instead of a space or
+    anything else after the token is ``BadAuthorization``: read as "no token", such a request
+    would go on where a route forwards token-less calls, with the copies of the token that the
+    copy filter only finds once it knows the token.
+    """
     values = headers.getall("Authorization", [])
-    if len(values) != 1:
+    if not values:
         return None
+    if len(values) > 1:
+        raise BadAuthorization(
+            f"{len(values)} Authorization headers: send exactly one, 'Bearer <token>'"
+        )
     m = _BEARER.match(values[0])
-    return m.group(1) if m else None
+    if m is None:
+        raise BadAuthorization(
+            "Authorization must be 'Bearer <token>' (RFC 6750 §2.1: spaces, then a token68); "
+            "the sidecar reads no other scheme and never forwards Authorization"
+        )
+    return m.group(1)
 
 
 def with_authorization(headers: CIMultiDict[str], token: str | None) -> CIMultiDict[str]:

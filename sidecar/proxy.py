@@ -28,6 +28,7 @@ from sidecar.config import Route, SidecarConfig
 from sidecar.exchanger import Exchanger
 from sidecar.headers import (
     WEBSOCKET_HANDSHAKE,
+    BadAuthorization,
     Hop,
     bearer_token,
     drop_copies,
@@ -37,8 +38,14 @@ from sidecar.headers import (
     with_authorization,
 )
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
-from sidecar.refusals import ProxyError, connect_refused, exchange_refusal, upstream_failure
-from sidecar.routes import BadPath, Match, RouteTable
+from sidecar.refusals import (
+    ProxyError,
+    bearer_request_refused,
+    connect_refused,
+    exchange_refusal,
+    upstream_failure,
+)
+from sidecar.routes import BadPath, Match, RouteTable, TokenInTarget, refuse_token_in_target
 from sidecar.websocket import relay
 
 log = logging.getLogger("zonegate.sidecar")
@@ -124,7 +131,7 @@ class Proxy:
             raise connect_refused()
         match, original_host = self._match(request)
         call.route = match.route.name
-        subject_token = bearer_token(request.headers)
+        subject_token = _subject_token(request)
         token = await self._token_for(subject_token, match.route, call)
         headers = upstream_headers(request.headers, _hop(request, original_host))
         drop_copies(headers, subject_token)
@@ -327,6 +334,17 @@ def subject_expiry(token: str) -> float | None:
     """The subject's ``exp``, unverified: it can only shorten how long an entry is served."""
     exp = unverified_claims(token).get("exp")
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def _subject_token(request: web.Request) -> str | None:
+    """The Bearer token of ``Authorization`` (None: there is none), or a 400 when that header
+    is malformed or repeated, or when the request target carries a token (RFC 6750 §3.1)."""
+    try:
+        subject_token = bearer_token(request.headers)
+        refuse_token_in_target(request.raw_path, subject_token)
+    except (BadAuthorization, TokenInTarget) as e:
+        raise bearer_request_refused(str(e)) from e
+    return subject_token
 
 
 def _hop(request: web.Request, original_host: str | None) -> Hop:

@@ -6,6 +6,7 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.headers import (
+    BadAuthorization,
     Hop,
     bearer_token,
     drop_copies,
@@ -97,15 +98,36 @@ def test_every_header_holding_the_subject_token_is_dropped() -> None:
     [
         ([f"Bearer {TOKEN}"], TOKEN),
         ([f"bearer   {TOKEN}  "], TOKEN),
-        ([f"Basic {TOKEN}"], None),
-        ([f"Bearer {TOKEN}", f"Bearer {TOKEN}"], None),
-        (["Bearer a b"], None),
+        (["BEARER abc+/~_-.=="], "abc+/~_-.=="),
         ([], None),
     ],
 )
 def test_bearer_token_reads_one_rfc6750_credential(values: list[str], token: str | None) -> None:
-    """RFC 6750 §2.1 syntax, exactly one Authorization header."""
+    """RFC 6750 §2.1 syntax, exactly one Authorization header; none at all is no token."""
     assert bearer_token(CIMultiDict(("Authorization", v) for v in values)) == token
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [f"Basic {TOKEN}"],
+        [f"Token {TOKEN}"],
+        [f"bearer\t{TOKEN}"],
+        [f"Bearer {TOKEN}", f"Bearer {TOKEN}"],
+        [f"Bearer {TOKEN}", "Basic eDp5"],
+        ["Bearer a b"],
+        ["Bearer"],
+        ["Bearer "],
+        [""],
+        [f"Bearer {TOKEN}=x"],
+    ],
+)
+def test_a_malformed_or_repeated_authorization_is_refused(values: list[str]) -> None:
+    """Anything but one Bearer credential is BadAuthorization (400), never 'no token': on a
+    missing_token: forward route it would otherwise go on without the copy filter."""
+    with pytest.raises(BadAuthorization) as caught:
+        bearer_token(CIMultiDict(("Authorization", v) for v in values))
+    assert TOKEN not in str(caught.value)
 
 
 def test_zone_token_is_set_last_on_a_copy() -> None:

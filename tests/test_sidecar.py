@@ -461,12 +461,101 @@ async def test_missing_token_rejected_or_forwarded_per_route(running: Running) -
     async with running.session.get(running.url("/red/x")) as r:
         assert r.status == 401
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    async with running.session.get(
-        running.url("/public/x"), headers={"Authorization": "Basic eDp5"}
-    ) as r:
+    async with running.session.get(running.url("/public/x"), headers={"X-App": "1"}) as r:
         assert r.status == 201
     assert "Authorization" not in running.red.seen[-1].headers
     assert running.counted.calls == 0
+
+
+async def raw_exchange(port: int | None, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send raw request bytes (Connection: close); the status and the JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body) if body else {}
+
+
+MALFORMED_AUTHORIZATION = [
+    "Authorization: Bearer {t}\r\nAuthorization: Bearer {t}",
+    "Authorization: Bearer {t}\r\nAuthorization: Basic eDp5",
+    "Authorization: bearer\t{t}",
+    "Authorization: Token {t}",
+    "Authorization: Basic eDp5",
+    "Authorization: Bearer",
+    "Authorization: Bearer {t} extra",
+    "Authorization: ",
+]
+
+
+@pytest.mark.parametrize("route", ["/red/x", "/public/x"])
+@pytest.mark.parametrize("authorization", MALFORMED_AUTHORIZATION)
+async def test_a_malformed_or_repeated_authorization_is_400_on_every_route(
+    running: Running, route: str, authorization: str
+) -> None:
+    """Not exactly one RFC 6750 Bearer credential: 400 invalid_request, nothing forwarded,
+    on a missing_token: forward route too (where copies of the token would otherwise go on)."""
+    subject = running.op.login("alice")
+    request = (
+        f"GET {route} HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorization.format(t=subject)}\r\n"
+        f"Cookie: session={subject}\r\nX-Copy: {subject}\r\nConnection: close\r\n\r\n"
+    )
+    status, body = await raw_exchange(running.proxy.port, request.encode())
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert "Authorization" in body["error_description"]
+    assert subject not in json.dumps(body)
+    assert running.red.seen == [] and running.counted.calls == 0
+
+
+TOKEN_IN_TARGET = [
+    ("GET /red/x?access_token={t} HTTP/1.1", "query"),
+    ("GET /red/x?a=1&access_token={t}&b=2 HTTP/1.1", "query"),
+    ("GET /red/{t} HTTP/1.1", "path"),
+    ("GET /red/x/{t}/y HTTP/1.1", "path"),
+    ("GET /red/x?next=%2Fa%3Ftoken%3D{t} HTTP/1.1", "query"),
+    ("GET /green/{t} HTTP/1.1", "path"),
+    ("GET /public/{t} HTTP/1.1", "path"),
+    ("GET http://billing.red.internal/x?access_token={t} HTTP/1.1", "query"),
+    ("GET http://billing.red.internal/{t} HTTP/1.1", "path"),
+]
+
+
+@pytest.mark.parametrize(("request_line", "where"), TOKEN_IN_TARGET)
+async def test_a_request_target_holding_the_subject_token_is_400_never_forwarded(
+    running: Running, request_line: str, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token in the path or query (RFC 6750 §2.3), reverse or forward mode: 400 saying
+    why; a URL lands in every access log on its way, so it is never forwarded."""
+    # The test servers' aiohttp access lines quote the URL: off, as in the programs (logsetup).
+    caplog.set_level(logging.WARNING, logger="aiohttp.access")
+    subject = running.op.login("alice")
+    request = (
+        f"{request_line.format(t=subject)}\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {subject}\r\nConnection: close\r\n\r\n"
+    )
+    status, body = await raw_exchange(running.proxy.port, request.encode())
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert f"request {where} holds the bearer token" in body["error_description"]
+    assert subject not in json.dumps(body)
+    assert running.red.seen == [] and running.green.seen == []
+    assert running.counted.calls == 0
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/public/x?access_token=abc", "/red/x?Access_Token=abc", "/red/x?access%5Ftoken=abc"],
+)
+async def test_an_access_token_query_parameter_is_400_even_without_authorization(
+    running: Running, target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 6750 §2.3's carrier is refused on any route: it would carry a token in the URL."""
+    caplog.set_level(logging.WARNING, logger="aiohttp.access")
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    status, body = await raw_exchange(running.proxy.port, request.encode())
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert "access_token" in body["error_description"]
+    assert running.red.seen == []
 
 
 async def test_refused_subject_token_is_401_invalid_token_and_not_retried(running: Running) -> None:
