@@ -280,6 +280,8 @@ async def test_upstream_sees_zone_token_never_the_original(running: Running) -> 
     assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
     assert seen.headers["X-Forwarded-Proto"] == "http"
     assert seen.headers["X-Forwarded-Host"] == running.proxy.make_url("").authority
+    host = running.proxy.make_url("").authority
+    assert seen.headers["Forwarded"] == f'for=127.0.0.1;proto=http;host="{host}"'
     assert subject not in json.dumps(dict(seen.headers))
     scheme, zone_token = running.red.authorization().split(" ")
     assert scheme == "Bearer"
@@ -296,6 +298,11 @@ SPOOFED = [
     "X-Authenticated-Userid", "X-Consumer-Username", "X-Consumer-Custom-Id",
     "Cf-Access-Jwt-Assertion", "Cf-Access-Authenticated-User-Email", "X-Pomerium-Claim-Email",
     "X-Pomerium-Jwt-Assertion", "X-SSL-Client-S-DN", "X_Ssl_Client_Verify", "Ssl-Client-Cert",
+    "Client-Cert", "Client-Cert-Chain", "X-Client-Cert", "X-SSL-Cert", "X-ARR-ClientCert",
+    "X-Amzn-Mtls-Clientcert", "OIDC_CLAIM_email", "OIDC-Access-Token", "Remote-Groups",
+    "X-MS-TOKEN-AAD-ACCESS-TOKEN", "Tailscale-User-Login", "X-Vouch-User", "X-Auth-User",
+    "X-Credential-Identifier", "X-Authenticated-Scope", "X-Anonymous-Consumer",
+    "X-Original-URL", "X-Rewrite-URL",
 ]  # fmt: skip
 
 
