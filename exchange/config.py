@@ -10,7 +10,15 @@ from typing import Any
 
 import jwt
 
-from runtime.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+from runtime.configload import (
+    ConfigError,
+    ListenerTimeouts,
+    Node,
+    load_yaml,
+    parse_listen,
+    read_document,
+    read_listener_timeouts,
+)
 
 DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 ALLOWED_ALGORITHMS = frozenset(
@@ -124,6 +132,7 @@ class ExchangeConfig:
     jwks_max_age: int = 3600  # upper bound on Cache-Control max-age
     jwks_stale_for: int = 86400  # keys keep working this long while the issuer is unreachable
     fetch_timeout: float = 5.0
+    listeners: ListenerTimeouts = field(default_factory=ListenerTimeouts)  # server only
 
     def zone_issuer(self, zone: str) -> str:
         """The ``iss`` of tokens minted for ``zone``."""
@@ -162,6 +171,7 @@ def read_exchange(node: Node) -> ExchangeConfig:
         jwks_max_age=node.integer("jwks_max_age", 3600, minimum=1, maximum=86400),
         jwks_stale_for=node.integer("jwks_stale_for", 86400, maximum=7 * 86400),
         fetch_timeout=node.number("fetch_timeout", 5.0, minimum=0.1, maximum=60),
+        listeners=read_listener_timeouts(node.child("listeners")),
     )
     node.finish()
     return config

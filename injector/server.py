@@ -122,7 +122,10 @@ def main(config_path: Path, *, log_level: str) -> int:
     async def on_hup() -> None:
         tls.try_reload()
 
-    listener = Listener("injector", make_app(config, tls), host, port, ssl_context=tls.context)
+    app = make_app(config, tls)
+    listener = Listener(
+        "injector", app, host, port, ssl_context=tls.context, timeouts=config.listeners
+    )
     return run(serve([listener], grace=5.0, on_hup=on_hup))
 
 

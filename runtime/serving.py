@@ -7,10 +7,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from runtime.clienttimeouts import limit_slow_clients, server_settings
+from runtime.configload import ListenerTimeouts
 
 log = logging.getLogger("zonegate.serving")
 
@@ -27,6 +30,7 @@ class Listener:
     host: str
     port: int
     ssl_context: object | None = None
+    timeouts: ListenerTimeouts = field(default_factory=ListenerTimeouts)  # see clienttimeouts
 
 
 async def serve(
@@ -49,9 +53,15 @@ async def serve(
     bound: list[tuple[str, str, int]] = []
     try:
         for listener in listeners:
-            runner = web.AppRunner(listener.app, shutdown_timeout=LAST_CUT, handle_signals=False)
+            runner = web.AppRunner(
+                listener.app,
+                shutdown_timeout=LAST_CUT,
+                handle_signals=False,
+                **server_settings(listener.timeouts),
+            )
             await runner.setup()
             runners.append(runner)  # cleaned up even if binding fails (its sessions close)
+            limit_slow_clients(runner, listener.timeouts)
             site = web.TCPSite(
                 runner,
                 listener.host,

@@ -107,7 +107,7 @@ class Sidecar:
                 extra={"config": str(path), "errors": errors},
             )
             return False
-        for listener in ("listen", "admin_listen"):
+        for listener in ("listen", "admin_listen", "listeners"):
             if getattr(config, listener) != getattr(self.config, listener):
                 log.warning("%s changed in config: takes effect on restart only", listener)
         await self._reach([e for i, e in exchangers.items() if self.exchangers.get(i) is not e])
@@ -339,8 +339,8 @@ async def serve_sidecar(config: SidecarConfig, config_path: Path | None = None) 
 
     return await serve(
         [
-            Listener("sidecar", proxy_app, *config.listen),
-            Listener("admin", admin_app, *config.admin_listen),
+            Listener("sidecar", proxy_app, *config.listen, timeouts=config.listeners),
+            Listener("admin", admin_app, *config.admin_listen, timeouts=config.listeners),
         ],
         grace=config.shutdown_grace,
         on_hup=on_hup,

@@ -22,7 +22,15 @@ from exchange.errors import InvalidRequest
 from exchange.keys import KeyRing, SigningKey, signing_key
 from exchange.server.keyfiles import load_keyring, load_private_key
 from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, parse_scope
-from runtime.configload import ConfigError, Node, load_yaml, parse_listen, read_document
+from runtime.configload import (
+    ConfigError,
+    ListenerTimeouts,
+    Node,
+    load_yaml,
+    parse_listen,
+    read_document,
+    read_listener_timeouts,
+)
 
 REQUESTED_TOKEN_TYPES = {
     "access_token": TOKEN_TYPE_ACCESS_TOKEN,
@@ -140,6 +148,7 @@ class SidecarConfig:
     upstream: UpstreamSettings = UpstreamSettings()
     max_header_size: int = 32768
     shutdown_grace: float = 10.0
+    listeners: ListenerTimeouts = field(default_factory=ListenerTimeouts)
 
     def exchange_for(self, route: Route) -> ExchangeSettings:
         """The exchange serving a route: its own, else the top-level one."""
@@ -170,6 +179,7 @@ def read_sidecar(node: Node) -> SidecarConfig:
         upstream=_read_upstream(node.child("upstream")),
         max_header_size=node.integer("max_header_size", 32768, minimum=8190, maximum=1 << 20),
         shutdown_grace=node.number("shutdown_grace", 10.0, maximum=600),
+        listeners=read_listener_timeouts(node.child("listeners")),
     )
     node.finish()
     return config

@@ -158,6 +158,7 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
     "jwks_max_age": 600,
     "jwks_stale_for": 3600,
     "fetch_timeout": 2,
+    "listeners": {"header_timeout": 5, "keepalive_timeout": 30},
 }
 REMOTE: dict[str, Any] = {
     "mode": "remote",
@@ -209,6 +210,7 @@ KITCHEN_SINK_SIDECAR: dict[str, Any] = {
     },
     "max_header_size": 16384,
     "shutdown_grace": 1,
+    "listeners": {"header_timeout": 5, "keepalive_timeout": 30},
 }
 
 

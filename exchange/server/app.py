@@ -455,4 +455,5 @@ def main(config_path: Path, *, log_level: str = "INFO") -> int:
     def on_drain() -> None:
         runtime.ready = False
 
-    return run(serve([Listener("exchange", app, host, port)], on_hup=on_hup, on_drain=on_drain))
+    listener = Listener("exchange", app, host, port, timeouts=config.listeners)
+    return run(serve([listener], on_hup=on_hup, on_drain=on_drain))
