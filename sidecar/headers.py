@@ -12,6 +12,7 @@ Headers dropped on the way up (documented in docs/sidecar.md):
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -150,10 +151,15 @@ def upstream_headers(headers: Headers, hop: Hop) -> CIMultiDict[str]:
 
 def forwarded_element(hop: Hop) -> str:
     """This hop as an RFC 7239 ``Forwarded`` element: ``for``, ``proto`` and ``host``."""
-    node = hop.remote or "unknown"
-    pairs = [("for", f"[{node}]" if ":" in node else node), ("proto", hop.scheme)]
-    if hop.original_host:
-        pairs.append(("host", hop.original_host))
+    return _forwarded_element(hop.remote, hop.scheme, hop.original_host)
+
+
+@functools.lru_cache(maxsize=1024)  # a sidecar sees one peer and a few hosts: built once each
+def _forwarded_element(remote: str | None, scheme: str, host: str | None) -> str:
+    node = remote or "unknown"
+    pairs = [("for", f"[{node}]" if ":" in node else node), ("proto", scheme)]
+    if host:
+        pairs.append(("host", host))
     return ";".join(f"{name}={_forwarded_value(value)}" for name, value in pairs)
 
 
