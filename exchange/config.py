@@ -14,10 +14,12 @@ from exchange.keys import SigningKey, parse_private_key, signing_key, verificati
 from runtime.configload import (
     READ_SECRETS,
     ConfigError,
+    ListenerTimeouts,
     Node,
     load_document,
     parse_listen,
     read_document,
+    read_listener_timeouts,
 )
 from runtime.tls import check_ca_bundle, check_pair
 
@@ -185,6 +187,7 @@ class ExchangeConfig:
     fetch_timeout: float = 5.0
     tls: ServerTls | None = None  # None: listen serves plain HTTP
     shared_state: SharedStateConfig = SharedStateConfig()  # server only
+    listeners: ListenerTimeouts = field(default_factory=ListenerTimeouts)  # server only
 
     def zone_issuer(self, zone: str) -> str:
         """The ``iss`` of tokens minted for ``zone``."""
@@ -232,6 +235,7 @@ def read_exchange(node: Node) -> ExchangeConfig:
         fetch_timeout=node.number("fetch_timeout", 5.0, minimum=0.1, maximum=60),
         tls=tls,
         shared_state=_read_shared_state(node.child("shared_state")),
+        listeners=read_listener_timeouts(node.child("listeners")),
     )
     node.finish()
     return config

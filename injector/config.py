@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.configload import Node, load_document, parse_listen, read_document
+from runtime.configload import (
+    ListenerTimeouts,
+    Node,
+    load_document,
+    parse_listen,
+    read_document,
+    read_listener_timeouts,
+)
+
 
 INJECT_LABEL = "zonegate.io/inject"  # on a pod: "true" opts in, "false" opts out
 NAMESPACE_ENABLED = "enabled"  # zonegate.io/inject=enabled on a namespace: every pod unless "false"
@@ -73,6 +81,7 @@ class InjectorConfig:
     service_account_token: TokenProjection | None = None
     http_proxy: HttpProxyEnv | None = None
     cluster_domain: str = "cluster.local"
+    listeners: ListenerTimeouts = field(default_factory=ListenerTimeouts)
 
     @property
     def sidecar_config_path(self) -> str:
@@ -106,6 +115,7 @@ def read_injector(node: Node) -> InjectorConfig:
         service_account_token=_read_token(node.child("service_account_token")),
         http_proxy=_read_http_proxy(node.child("http_proxy")),
         cluster_domain=node.text("cluster_domain", "cluster.local"),
+        listeners=read_listener_timeouts(node.child("listeners")),
     )
     if config.proxy_port == config.admin_port:
         sidecar.error("admin_port", f"must differ from proxy_port ({config.proxy_port})")

@@ -88,6 +88,8 @@ def parse_review(body: bytes) -> Review:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidReview(f"body is not JSON: {e}") from e
+    except RecursionError as e:  # "[[[[..." deeper than the parser's recursion limit
+        raise InvalidReview("body is not JSON the webhook reads: nested too deeply") from e
     if not isinstance(document, dict):
         raise InvalidReview("body must be a JSON object (an AdmissionReview)")
     if (
@@ -248,20 +250,25 @@ def _config_map_name(annotations: dict[str, Any]) -> str:
 def _check_pod(spec: dict[str, Any], config: InjectorConfig) -> None:
     if spec.get("hostNetwork") is True:
         raise Refused("pod uses hostNetwork: the sidecar would listen on the node's own ports")
-    taken = {v.get("name") for v in _list(spec, "volumes")}
+    taken = _names(_list(spec, "volumes"))
     for name in (CONFIG_VOLUME, TOKEN_VOLUME):
         if name in taken:
             raise Refused(f"pod already has a volume named {name!r}, which the sidecar needs")
     wanted = {config.proxy_port: "proxy", config.admin_port: "admin"}
     for container in _containers(spec):
         for port in _list(container, "ports"):
-            if port.get("containerPort") in wanted:
-                number = port["containerPort"]
+            number = port.get("containerPort")
+            if isinstance(number, int) and number in wanted:
                 raise Refused(
                     f"container {container.get('name')!r} uses port {number}, the sidecar's "
                     f"{wanted[number]} port; change sidecar.{wanted[number]}_port in the injector "
                     "config or the container's port"
                 )
+
+
+def _names(objects: list[dict[str, Any]]) -> set[str]:
+    """The string ``name`` of each object (a list or object there is no name, not a crash)."""
+    return {o["name"] for o in objects if isinstance(o.get("name"), str)}
 
 
 def _containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -426,7 +433,7 @@ def _proxy_env_patch(spec: dict[str, Any], config: InjectorConfig) -> list[dict[
     env = proxy_env(config, config.http_proxy)
     patch: list[dict[str, Any]] = []
     for i, container in enumerate(_list(spec, "containers")):
-        present = {e.get("name") for e in _list(container, "env")}
+        present = _names(_list(container, "env"))
         missing = [e for e in env if e["name"] not in present]  # the app's own win
         patch += _append_all(container, ("spec", "containers", i), "env", missing)
     return patch

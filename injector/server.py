@@ -194,11 +194,15 @@ def main(config_path: Path, *, log_level: str) -> int:
         tls.try_reload()
 
     metrics = InjectorMetrics()
+    app = make_app(config, tls, metrics)
     listeners = [
-        Listener("injector", make_app(config, tls, metrics), host, port, ssl_context=tls.context)
+        Listener("injector", app, host, port, ssl_context=tls.context, timeouts=config.listeners)
     ]
     if config.metrics_listen is not None:
-        listeners.append(Listener("metrics", metrics_app(metrics), *config.metrics_listen))
+        metrics_listener = Listener(
+            "metrics", metrics_app(metrics), *config.metrics_listen, timeouts=config.listeners
+        )
+        listeners.append(metrics_listener)
     return run(serve(listeners, grace=5.0, on_hup=on_hup))
 
 

@@ -350,3 +350,21 @@ def parse_listen(node: Node, key: str, default: str) -> tuple[str, int]:
         node.error(key, f"must be host:port, e.g. 127.0.0.1:8081, got {value!r}")
         return "127.0.0.1", 0
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTimeouts:
+    """How long every listener of a program waits on a client (``listeners:`` in its config)."""
+
+    header_timeout: float = 10.0  # accept -> the first request head complete
+    keepalive_timeout: float = 75.0  # an answer -> the next request head complete (idle or not)
+
+
+def read_listener_timeouts(node: Node) -> ListenerTimeouts:
+    """The ``listeners:`` block: ``header_timeout`` and ``keepalive_timeout``, in seconds."""
+    timeouts = ListenerTimeouts(
+        header_timeout=node.number("header_timeout", 10.0, minimum=0.1, maximum=600),
+        keepalive_timeout=node.number("keepalive_timeout", 75.0, minimum=0.1, maximum=3600),
+    )
+    node.finish()
+    return timeouts

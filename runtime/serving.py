@@ -12,10 +12,13 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from runtime.clienttimeouts import limit_slow_clients, server_settings
+from runtime.configload import ListenerTimeouts
 
 log = logging.getLogger("zonegate.serving")
 
@@ -32,6 +35,7 @@ class Listener:
     host: str
     port: int
     ssl_context: object | None = None
+    timeouts: ListenerTimeouts = field(default_factory=ListenerTimeouts)  # see clienttimeouts
 
 
 async def serve(
@@ -56,9 +60,15 @@ async def serve(
     try:
         for listener in listeners:
             draining.attach(listener.app)
-            runner = web.AppRunner(listener.app, shutdown_timeout=LAST_CUT, handle_signals=False)
+            runner = web.AppRunner(
+                listener.app,
+                shutdown_timeout=LAST_CUT,
+                handle_signals=False,
+                **server_settings(listener.timeouts),
+            )
             await runner.setup()
             runners.append(runner)  # cleaned up even if binding fails (its sessions close)
+            limit_slow_clients(runner, listener.timeouts)
             site = web.TCPSite(
                 runner,
                 listener.host,

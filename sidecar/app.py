@@ -122,7 +122,7 @@ class Sidecar:
                 extra={"config": str(path), "errors": errors},
             )
             return False
-        for listener in ("listen", "admin_listen", "authz_listen"):
+        for listener in ("listen", "admin_listen", "authz_listen", "listeners"):
             if getattr(config, listener) != getattr(self.config, listener):
                 log.warning("%s changed in config: takes effect on restart only", listener)
         await self._reach([e for i, e in exchangers.items() if self.exchangers.get(i) is not e])
@@ -394,11 +394,12 @@ async def serve_sidecar(config: SidecarConfig, config_path: Path | None = None) 
             await sidecar.reload(config_path)
 
     listeners = [
-        Listener("sidecar", proxy_app, *config.listen),
-        Listener("admin", admin_app, *config.admin_listen),
+        Listener("sidecar", proxy_app, *config.listen, timeouts=config.listeners),
+        Listener("admin", admin_app, *config.admin_listen, timeouts=config.listeners),
     ]
     if config.authz_listen is not None:
-        listeners.append(Listener("authz", build_authz_app(sidecar), *config.authz_listen))
+        authz = build_authz_app(sidecar)
+        listeners.append(Listener("authz", authz, *config.authz_listen, timeouts=config.listeners))
     return await serve(
         listeners,
         grace=config.shutdown_grace,

@@ -17,8 +17,8 @@ import time
 
 from aiohttp import web
 
-from sidecar.headers import bearer_token, removed_for_safety
-from sidecar.proxy import Call, Proxy, route_for
+from sidecar.headers import removed_for_safety
+from sidecar.proxy import Call, Proxy, route_for, subject_token_of
 from sidecar.refusals import ProxyError
 
 log = logging.getLogger("zonegate.sidecar.authz")
@@ -69,7 +69,7 @@ async def _allow(proxy: Proxy, request: web.Request, call: Call) -> web.Response
     if match is None:
         raise ProxyError(403, "access_denied", "no route matches this host and path")
     call.route = match.route.name
-    subject_token = bearer_token(request.headers)
+    subject_token = subject_token_of(request.headers, target)
     token = await proxy.token_for(subject_token, match.route, call)
     headers = {}
     if token is not None:

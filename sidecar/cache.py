@@ -8,7 +8,10 @@
   one background exchange, so a hot token never expires under load. Entries already bound by
   the subject's own ``exp`` are not refreshed: a new exchange could not outlive them.
 * A subject refused by the exchange (``invalid_request``) is remembered for ``negative_ttl``
-  seconds, so a client retrying a bad token does not hammer the core.
+  seconds, so a client retrying a bad token does not hammer the core. What is remembered is
+  the answer only (``Refusal``: until, code, description), never the exception: its
+  traceback's frames hold the raw subject token and its decoded claims (some 30 KB per bogus
+  14 KB token), and re-raising one stored exception grows its traceback on every request.
 * A config reload hands the entries over (``adopt``): every entry whose route target and
   exchange identity the new config still has is kept; the others are dropped and counted as
   evictions with reason ``reload``.
@@ -28,7 +31,7 @@ from typing import Any
 
 from cachetools import TLRUCache
 
-from exchange.errors import ExchangeError, InvalidRequest
+from exchange.errors import ExchangeError, InvalidRequest, error_from_code
 from sidecar.config import CacheSettings, Target
 
 log = logging.getLogger("zonegate.sidecar.cache")
@@ -40,6 +43,7 @@ Eviction = Callable[
 ]  # (reason, how many): expired | capacity | upstream_401 | reload
 Fetch = Callable[[], Awaitable["Issued"]]
 JITTER = 0.1  # refresh-ahead point moves by up to this fraction of the entry's life
+MAX_REFUSAL_DESCRIPTION = 256  # a remote endpoint's description is kept to this many characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,23 @@ class Entry:
     access_token: str = field(repr=False)
     serve_until: float
     refresh_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refused subject's answer, as the negative cache keeps it (no exception, no frames)."""
+
+    until: float
+    error: str
+    description: str
+
+    @classmethod
+    def of(cls, e: ExchangeError, until: float) -> Refusal:
+        return cls(until, e.error, e.description[:MAX_REFUSAL_DESCRIPTION])
+
+    def again(self) -> ExchangeError:
+        """A fresh error to raise: nothing of the first refusal's frames comes with it."""
+        return error_from_code(self.error, self.description)
 
 
 class _Store(TLRUCache[CacheKey, Entry]):
@@ -108,8 +129,8 @@ class TokenCache:
         self._on_evict = on_evict or (lambda reason, count: None)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._store = _Store(settings.max_entries, clock, self._on_evict)
-        self._refused: TLRUCache[CacheKey, tuple[float, ExchangeError]] = TLRUCache(
-            settings.max_entries, ttu=lambda _k, v, _now: v[0], timer=clock
+        self._refused: TLRUCache[CacheKey, Refusal] = TLRUCache(
+            settings.max_entries, ttu=lambda _k, v, _now: v.until, timer=clock
         )
         self._flights: dict[CacheKey, asyncio.Future[Issued]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -122,7 +143,7 @@ class TokenCache:
         """The token for ``key``: cached, shared with a concurrent miss, or freshly fetched."""
         refused = self._refused.get(key)
         if refused is not None:
-            raise refused[1]
+            raise refused.again()
         entry = self._store.get(key)
         if entry is not None:
             self._on_event("hit")
@@ -180,8 +201,7 @@ class TokenCache:
         try:
             issued = await fetch()
         except InvalidRequest as e:
-            until = self._clock() + self.settings.negative_ttl
-            self._refused[key] = (until, e)
+            self._refused[key] = Refusal.of(e, self._clock() + self.settings.negative_ttl)
             raise
         self._store_issued(key, issued)
         return issued

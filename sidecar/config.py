@@ -25,11 +25,13 @@ from exchange.tokens import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_JWT, parse_scope
 from runtime.configload import (
     READ_SECRETS,
     ConfigError,
+    ListenerTimeouts,
     Node,
     load_document,
     load_yaml,
     parse_listen,
     read_document,
+    read_listener_timeouts,
 )
 from runtime.tls import check_ca_bundle, check_pair
 
@@ -169,6 +171,7 @@ class SidecarConfig:
     upstream: UpstreamSettings = UpstreamSettings()
     max_header_size: int = 32768
     shutdown_grace: float = 10.0
+    listeners: ListenerTimeouts = field(default_factory=ListenerTimeouts)
 
     def exchange_for(self, route: Route) -> ExchangeSettings:
         """The exchange serving a route: its own, else the top-level one."""
@@ -215,6 +218,7 @@ def read_sidecar(node: Node) -> SidecarConfig:
         upstream=_read_upstream(node.child("upstream")),
         max_header_size=node.integer("max_header_size", 32768, minimum=8190, maximum=1 << 20),
         shutdown_grace=node.number("shutdown_grace", 10.0, maximum=600),
+        listeners=read_listener_timeouts(node.child("listeners")),
     )
     _check_upstreams(node, config)
     node.finish()
@@ -276,7 +280,7 @@ def _load_core_file(node: Node) -> ExchangeConfig:
     if path is None:
         return _EMPTY_CORE
     try:
-        return parse_exchange_config(load_yaml(path), path.parent)
+        return parse_exchange_config(load_document(path, "exchange"), path.parent)
     except ConfigError as e:
         for line in e.errors:
             node.error("config", f"{path}: {line}")

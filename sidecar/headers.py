@@ -4,14 +4,15 @@ Headers dropped on the way up (documented in docs/sidecar.md):
 
 * hop-by-hop (RFC 9110 §7.6.1) and every header named in ``Connection``;
 * ``Authorization`` (replaced, last, by the zone token) and ``Expect`` (handled by the server);
-* identity headers an app (or an attacker inside it) could spoof to a backend that trusts an
-  auth proxy in front of it: see ``SPOOFABLE_IDENTITY`` and ``SPOOFABLE_IDENTITY_PREFIXES``,
-  matched with ``_`` read as ``-``;
+* identity, client-certificate and path-override headers an app (or an attacker inside it)
+  could spoof to a backend that trusts an auth proxy in front of it: the table
+  ``SPOOFABLE_IDENTITY`` (each entry with who sets it), matched with ``_`` read as ``-``;
 * any header whose value holds the subject token (``drop_copies``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -35,44 +36,63 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-SPOOFABLE_IDENTITY = frozenset(
-    {
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-preferred-username",
-        "x-forwarded-groups",
-        "x-forwarded-access-token",
-        "x-forwarded-client-cert",
-        "x-remote-user",
-        "x-remote-group",
-        "x-remote-groups",
-        "remote-user",
-        "x-user",
-        "x-user-id",
-        "x-userinfo",
-        "x-id-token",
-        "x-access-token",
-        "x-jwt-assertion",
-        "x-endpoint-api-userinfo",
-        "x-goog-authenticated-user-email",
-        "x-goog-authenticated-user-id",
-        "x-goog-iap-jwt-assertion",
-        "x-webauth-user",
-        "x-authenticated-userid",
-        "cf-access-jwt-assertion",
-        "cf-access-authenticated-user-email",
-    }
+# Headers an app (or an attacker inside it) could spoof to a backend that trusts an auth proxy,
+# a TLS terminator or a URL rewriter in front of it: identities, tokens, client certificates
+# and path overrides. Each entry: a lower-case name with '-' (or a prefix, ending in '*') and
+# who sets it. Names are compared with '_' read as '-' (``is_spoofable_identity``).
+# Forwarded (RFC 7239) is not here: like X-Forwarded-For/-Proto/-Host it is appended to, so its
+# last element is always the sidecar's own view of the hop (``upstream_headers``).
+SPOOFABLE_IDENTITY: tuple[tuple[str, str], ...] = (
+    ("x-forwarded-user", "oauth2-proxy (--pass-user-headers)"),
+    ("x-forwarded-email", "oauth2-proxy (--pass-user-headers)"),
+    ("x-forwarded-preferred-username", "oauth2-proxy (--pass-user-headers)"),
+    ("x-forwarded-groups", "oauth2-proxy (--pass-user-headers)"),
+    ("x-forwarded-access-token", "oauth2-proxy (--pass-access-token)"),
+    ("x-auth-request-*", "oauth2-proxy (--set-xauthrequest), nginx auth_request setups"),
+    ("x-forwarded-client-cert", "Envoy, Istio (XFCC: the client certificate)"),
+    ("x-remote-*", "Kubernetes front-proxy authentication (X-Remote-User/-Group/-Extra-*)"),
+    ("remote-*", "Authelia, Authentik (Remote-User, Remote-Groups, Remote-Email, Remote-Name)"),
+    ("x-user", "API gateways (forward-auth conventions)"),
+    ("x-user-id", "API gateways (forward-auth conventions)"),
+    ("x-auth-user", "forward-auth setups (Traefik, nginx auth_request)"),
+    ("x-consumer-*", "Kong (X-Consumer-ID, -Username, -Custom-ID, -Groups)"),
+    ("x-authenticated-userid", "Kong (OAuth 2.0 plugin)"),
+    ("x-authenticated-scope", "Kong (OAuth 2.0 plugin)"),
+    ("x-authenticated-groups", "Kong (LDAP and ACL plugins)"),
+    ("x-credential-identifier", "Kong (authentication plugins)"),
+    ("x-credential-username", "Kong (authentication plugins, before 3.0)"),
+    ("x-anonymous-consumer", "Kong (anonymous consumer)"),
+    ("x-userinfo", "kong-oidc, Apache APISIX openid-connect"),
+    ("x-id-token", "kong-oidc, Apache APISIX openid-connect"),
+    ("x-access-token", "kong-oidc, Apache APISIX openid-connect"),
+    ("x-jwt-assertion", "WSO2 API Manager"),
+    ("x-endpoint-api-userinfo", "Google Cloud Endpoints (ESP)"),
+    ("x-goog-authenticated-user-email", "Google Cloud IAP"),
+    ("x-goog-authenticated-user-id", "Google Cloud IAP"),
+    ("x-goog-iap-jwt-assertion", "Google Cloud IAP"),
+    ("x-webauth-user", "Grafana auth proxy"),
+    ("cf-access-jwt-assertion", "Cloudflare Access"),
+    ("cf-access-authenticated-user-email", "Cloudflare Access"),
+    ("x-ms-client-principal*", "Azure App Service authentication (Easy Auth)"),
+    ("x-ms-token-*", "Azure App Service token store (X-MS-TOKEN-AAD-*)"),
+    ("x-arr-clientcert", "Azure App Service (client certificate)"),
+    ("x-amzn-oidc-*", "AWS ALB OIDC authentication"),
+    ("x-amzn-mtls-clientcert*", "AWS ALB mutual TLS (client certificate)"),
+    ("x-pomerium-*", "Pomerium"),
+    ("client-cert", "RFC 9440 (client certificate)"),
+    ("client-cert-chain", "RFC 9440 (client certificate chain)"),
+    ("x-client-cert*", "load balancers and TLS terminators (client certificate)"),
+    ("x-ssl-cert", "nginx, HAProxy setups (client certificate)"),
+    ("x-ssl-client-*", "nginx, HAProxy setups (client certificate)"),
+    ("ssl-client-*", "Apache mod_ssl variables as headers (client certificate)"),
+    ("oidc-*", "mod_auth_openidc (OIDC_CLAIM_*, OIDC_access_token, OIDC_id_token)"),
+    ("tailscale-user-*", "Tailscale Serve (Tailscale-User-Login, -Name, -Profile-Pic)"),
+    ("x-vouch-*", "Vouch Proxy (X-Vouch-User, X-Vouch-Idp-Claims-*)"),
+    ("x-original-url", "IIS URL Rewrite: a path override some frameworks route by"),
+    ("x-rewrite-url", "IIS URL Rewrite: a path override some frameworks route by"),
 )
-SPOOFABLE_IDENTITY_PREFIXES = (
-    "x-auth-request-",
-    "x-remote-",
-    "x-ms-client-principal",
-    "x-amzn-oidc-",
-    "x-consumer-",
-    "x-pomerium-",
-    "x-ssl-client-",
-    "ssl-client-",
-)
+_SPOOFABLE_NAMES = frozenset(e for e, _ in SPOOFABLE_IDENTITY if not e.endswith("*"))
+_SPOOFABLE_PREFIXES = tuple(e[:-1] for e, _ in SPOOFABLE_IDENTITY if e.endswith("*"))
 NOT_FORWARDED = HOP_BY_HOP | {"authorization", "expect", "host"}
 WEBSOCKET_HANDSHAKE = frozenset(
     {
@@ -82,6 +102,7 @@ WEBSOCKET_HANDSHAKE = frozenset(
         "sec-websocket-protocol",
     }
 )
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §5.6.2 token
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
 
 
@@ -92,9 +113,10 @@ def connection_tokens(headers: Headers) -> set[str]:
 
 
 def is_spoofable_identity(name: str) -> bool:
-    """``_`` counts as ``-``: CGI and nginx (``underscores_in_headers``) read them as one."""
+    """A name or prefix of ``SPOOFABLE_IDENTITY``; ``_`` counts as ``-``: CGI and nginx
+    (``underscores_in_headers``) read them as one."""
     folded = name.lower().replace("_", "-")
-    return folded in SPOOFABLE_IDENTITY or folded.startswith(SPOOFABLE_IDENTITY_PREFIXES)
+    return folded in _SPOOFABLE_NAMES or folded.startswith(_SPOOFABLE_PREFIXES)
 
 
 def end_to_end(headers: Headers, drop: Iterable[str] = ()) -> CIMultiDict[str]:
@@ -123,7 +145,29 @@ def upstream_headers(headers: Headers, hop: Hop) -> CIMultiDict[str]:
     if hop.original_host:
         _append(out, "X-Forwarded-Host", hop.original_host)
     _append(out, "Via", f"{hop.version} zonegate")
+    _append(out, "Forwarded", forwarded_element(hop))
     return out
+
+
+def forwarded_element(hop: Hop) -> str:
+    """This hop as an RFC 7239 ``Forwarded`` element: ``for``, ``proto`` and ``host``."""
+    return _forwarded_element(hop.remote, hop.scheme, hop.original_host)
+
+
+@functools.lru_cache(maxsize=1024)  # a sidecar sees one peer and a few hosts: built once each
+def _forwarded_element(remote: str | None, scheme: str, host: str | None) -> str:
+    node = remote or "unknown"
+    pairs = [("for", f"[{node}]" if ":" in node else node), ("proto", scheme)]
+    if host:
+        pairs.append(("host", host))
+    return ";".join(f"{name}={_forwarded_value(value)}" for name, value in pairs)
+
+
+def _forwarded_value(value: str) -> str:
+    """A token as it is, anything else as a quoted-string (RFC 7239 §4, RFC 9110 §5.6.4)."""
+    if _TOKEN.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def drop_copies(headers: CIMultiDict[str], subject_token: str | None) -> None:
@@ -136,18 +180,55 @@ def drop_copies(headers: CIMultiDict[str], subject_token: str | None) -> None:
         log.warning("request header holding the subject token dropped", extra={"header": name})
 
 
+def websocket_protocols(headers: Headers, subject_token: str | None) -> list[str]:
+    """The app's WebSocket subprotocols (RFC 6455 §4.1) to offer the upstream, in order.
+
+    The list is read from the app's own ``Sec-WebSocket-Protocol`` (the copy filter dropped
+    that header whole when it held the token); an entry holding the subject token (a token
+    passed as ``access_token.<T>``, as browsers must) is left out, with a warning.
+    """
+    offered = [
+        p.strip() for v in headers.getall("Sec-WebSocket-Protocol", []) for p in v.split(",")
+    ]
+    kept = [p for p in offered if p and (subject_token is None or subject_token not in p)]
+    if subject_token is not None and len(kept) < len([p for p in offered if p]):
+        log.warning("WebSocket subprotocol holding the subject token not offered upstream")
+    return kept
+
+
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     existing = ", ".join(headers.popall(name, []))
     headers[name] = f"{existing}, {value}" if existing else value
 
 
+class BadAuthorization(ValueError):
+    """``Authorization`` is present but is not exactly one RFC 6750 §2.1 Bearer credential:
+    RFC 6750 §3.1 ``invalid_request`` (HTTP 400), on every route. The message never quotes
+    the header's value."""
+
+
 def bearer_token(headers: Headers) -> str | None:
-    """The RFC 6750 §2.1 Bearer token of ``Authorization``, if it holds one."""
+    """The RFC 6750 §2.1 Bearer token of ``Authorization``; None when there is no such header.
+
+    A repeated header, another scheme (``Basic``, ``Token``), a tab instead of a space or
+    anything else after the token is ``BadAuthorization``: read as "no token", such a request
+    would go on where a route forwards token-less calls, with the copies of the token that the
+    copy filter only finds once it knows the token.
+    """
     values = headers.getall("Authorization", [])
-    if len(values) != 1:
+    if not values:
         return None
+    if len(values) > 1:
+        raise BadAuthorization(
+            f"{len(values)} Authorization headers: send exactly one, 'Bearer <token>'"
+        )
     m = _BEARER.match(values[0])
-    return m.group(1) if m else None
+    if m is None:
+        raise BadAuthorization(
+            "Authorization must be 'Bearer <token>' (RFC 6750 §2.1: spaces, then a token68); "
+            "the sidecar reads no other scheme and never forwards Authorization"
+        )
+    return m.group(1)
 
 
 def with_authorization(headers: CIMultiDict[str], token: str | None) -> CIMultiDict[str]:

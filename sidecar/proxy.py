@@ -29,16 +29,25 @@ from sidecar.config import Route, SidecarConfig
 from sidecar.exchanger import Exchanger
 from sidecar.headers import (
     WEBSOCKET_HANDSHAKE,
+    BadAuthorization,
+    Headers,
     Hop,
     bearer_token,
     drop_copies,
     end_to_end,
     upstream_headers,
+    websocket_protocols,
     with_authorization,
 )
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
-from sidecar.refusals import ProxyError, connect_refused, exchange_refusal, upstream_failure
-from sidecar.routes import BadPath, Match, RouteTable
+from sidecar.refusals import (
+    ProxyError,
+    bearer_request_refused,
+    connect_refused,
+    exchange_refusal,
+    upstream_failure,
+)
+from sidecar.routes import BadPath, Match, RouteTable, TokenInTarget, refuse_token_in_target
 from sidecar.websocket import relay
 
 log = logging.getLogger("zonegate.sidecar")
@@ -128,12 +137,13 @@ class Proxy:
             raise connect_refused()
         match, original_host = self._match(request)
         call.route = match.route.name
-        subject_token = bearer_token(request.headers)
+        subject_token = subject_token_of(request.headers, request.raw_path)
         token = await self.token_for(subject_token, match.route, call)
         headers = upstream_headers(request.headers, _hop(request, original_host))
         drop_copies(headers, subject_token)
         if _is_websocket(request):
-            return await self._websocket(request, match, headers, token)
+            protocols = websocket_protocols(request.headers, subject_token)
+            return await self._websocket(request, match, headers, token, protocols)
         response = await self._send_replaying_401(request, match, headers, token, call)
         return await stream_back(request, response)
 
@@ -255,19 +265,21 @@ class Proxy:
             raise upstream_failure(e) from e
 
     async def _websocket(
-        self, request: web.Request, match: Match, headers: CIMultiDict[str], token: str | None
+        self,
+        request: web.Request,
+        match: Match,
+        headers: CIMultiDict[str],
+        token: str | None,
+        protocols: list[str],
     ) -> web.StreamResponse:
         """Exchange at the handshake, then relay messages both ways."""
         for name in WEBSOCKET_HANDSHAKE:
             headers.popall(name, None)
-        protocols = [
-            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
-        ]
         try:
             upstream = await self.session.ws_connect(
                 url_of(match),
                 headers=with_authorization(headers, token),
-                protocols=[p for p in protocols if p],
+                protocols=protocols,
                 ssl=self.upstream.ssl,
             )
         except aiohttp.WSServerHandshakeError as e:
@@ -370,6 +382,17 @@ def subject_expiry(token: str) -> float | None:
     """The subject's ``exp``, unverified: it can only shorten how long an entry is served."""
     exp = unverified_claims(token).get("exp")
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
+def subject_token_of(headers: Headers, raw_target: str) -> str | None:
+    """The Bearer token of ``Authorization`` (None: there is none), or a 400 when that header
+    is malformed or repeated, or when the request target carries a token (RFC 6750 §3.1)."""
+    try:
+        subject_token = bearer_token(headers)
+        refuse_token_in_target(raw_target, subject_token)
+    except (BadAuthorization, TokenInTarget) as e:
+        raise bearer_request_refused(str(e)) from e
+    return subject_token
 
 
 def _hop(request: web.Request, original_host: str | None) -> Hop:

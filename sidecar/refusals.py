@@ -58,6 +58,12 @@ def exchange_refusal(e: ExchangeError) -> ProxyError:
     return ProxyError(502, e.error, f"the token exchange gave no usable answer: {e.description}")
 
 
+def bearer_request_refused(description: str) -> ProxyError:
+    """A request that sends its token wrongly (RFC 6750 §3.1 ``invalid_request``): 400."""
+    challenge = f'Bearer error="invalid_request", error_description="{_quotable(description)}"'
+    return ProxyError(400, "invalid_request", description, {"WWW-Authenticate": challenge})
+
+
 def _quotable(text: str) -> str:
     return _QUOTED_SAFE.sub("", text)[:200]
 

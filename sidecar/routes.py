@@ -7,13 +7,17 @@ changing its meaning is refused: an encoded ``/`` or ``\\`` (``%2f``, ``%5c``), 
 NUL, a double-encoded dot, slash, backslash or NUL (``%252e``), a dot segment with parameters
 (``..;``, which Tomcat-style servers treat as ``..``), or a path that climbs above the root.
 Routes are tried in order; the first match wins.
+
+A request target that carries a bearer token is refused too (``refuse_token_in_target``): a
+URL is written to every access log it passes, so the token would reach the other zone's logs.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote, unquote_plus
 
 from yarl import URL
 
@@ -29,6 +33,15 @@ _PATH_PARAMS = re.compile(r";|%3[bB]")
 
 class BadPath(ValueError):
     """A request target that cannot be routed safely; the message says why (HTTP 400)."""
+
+
+class TokenInTarget(BadPath):
+    """The request path or query carries a bearer token (RFC 6750 §3.1 ``invalid_request``:
+    more than one method of sending a token); the message says where, never the token."""
+
+
+ACCESS_TOKEN_PARAMETER = "access_token"  # RFC 6750 §2.3, the URI query carrier
+_PARAMETER_SEPARATOR = re.compile(r"[&;]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +87,41 @@ def remove_dot_segments(path: str) -> str:
         else:
             out.append(segment)
     return "/" + "/".join(out)
+
+
+def refuse_token_in_target(raw_target: str, subject_token: str | None) -> None:
+    """TokenInTarget when the request target holds the subject token (as sent or
+    percent-decoded once) or has an ``access_token`` query parameter (RFC 6750 §2.3), whose
+    token may not be the subject's: either would be forwarded in the URL."""
+    path, _, query = raw_target.partition("?")
+    if subject_token is not None:
+        for where, part in (("path", path), ("query", query)):
+            if subject_token in part or ("%" in part and subject_token in unquote(part)):
+                raise TokenInTarget(
+                    f"the request {where} holds the bearer token: a URL is logged at every "
+                    "hop, so it is not forwarded; send the token in Authorization only"
+                )
+    if (
+        query
+        and _may_name_access_token(query)
+        and ACCESS_TOKEN_PARAMETER in _parameter_names(query)
+    ):
+        raise TokenInTarget(
+            f"the query parameter {ACCESS_TOKEN_PARAMETER} (RFC 6750 §2.3) carries a token in "
+            "the URL, which is logged at every hop: send the token in Authorization only"
+        )
+
+
+def _may_name_access_token(query: str) -> bool:
+    """Cheap first look (the common query has neither): escapes, or the name as it is."""
+    return "%" in query or ACCESS_TOKEN_PARAMETER in query.lower()
+
+
+def _parameter_names(query: str) -> Iterator[str]:
+    """The names of a query's parameters, percent-decoded and lower-cased."""
+    for pair in _PARAMETER_SEPARATOR.split(query):
+        name = pair.partition("=")[0]
+        yield (unquote_plus(name) if "%" in name or "+" in name else name).strip().lower()
 
 
 def split_target(raw_target: str) -> tuple[str, str]:

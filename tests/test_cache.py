@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import gc
+import json
 import random
+import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -186,6 +190,87 @@ async def test_refused_subject_is_negatively_cached_for_a_few_seconds(h: Harness
     h.clock.now = T0 + 5
     exchange.fail = None
     assert await cache.get(KEY, exchange) == "zone-2"
+
+
+def bogus_subject(i: int, size: int = 14_600) -> str:
+    """A distinct JWT-shaped subject token of ``size`` characters (the attack used 14.6 KB)."""
+    claims = {"sub": f"user-{i}", "pad": "p" * (size * 3 // 4 - 60)}
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    return f"eyJhbGciOiJFUzI1NiJ9.{body}.{i:08d}"[:size]
+
+
+async def refuse(subject_token: str) -> Issued:
+    """Refuse as the real path does: frames below hold the raw token and its decoded claims,
+    and the refusal is raised from a library error (a chained exception with its own frames)."""
+    claims = json.loads(base64.urlsafe_b64decode(subject_token.split(".")[1] + "=="))
+
+    def verify(token: str, decoded: dict[str, object]) -> None:
+        try:
+            raise ValueError(f"signature mismatch over {len(token)} bytes for {decoded['sub']}")
+        except ValueError as e:
+            raise InvalidRequest("subject_token signature is invalid") from e
+
+    verify(subject_token, claims)
+    raise AssertionError("unreachable")
+
+
+async def issue(zone_token: str) -> Issued:
+    return Issued(zone_token, T0 + 3600, None)
+
+
+async def bytes_per_entry(cache: TokenCache, entries: int, refused: bool) -> float:
+    """Traced memory per entry after ``entries`` distinct misses (refused or cached)."""
+    zone_token = "z" * 700  # a real ES256 zone token is 600 to 900 characters
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(entries):
+        subject = bogus_subject(i)
+        key = CacheKey.of(subject, RED, "embedded:shop")
+        if refused:
+            with pytest.raises(InvalidRequest):
+                await cache.get(key, lambda s=subject: refuse(s))  # type: ignore[misc]
+        else:
+            await cache.get(key, lambda i=i: issue(f"{zone_token}{i:08d}"))  # type: ignore[misc]
+        del subject, key
+    gc.collect()
+    return (tracemalloc.get_traced_memory()[0] - before) / entries
+
+
+async def test_a_refused_entry_costs_at_most_twice_a_cached_token(h: Harness) -> None:
+    """The negative cache keeps (until, code, description) only, never the exception: its
+    traceback's frames hold the raw subject token and its claims (about 32 KiB per entry)."""
+    entries = 1500
+    tracemalloc.start()
+    try:
+        cached = await bytes_per_entry(h.cache(max_entries=entries), entries, refused=False)
+        refused = await bytes_per_entry(h.cache(max_entries=entries), entries, refused=True)
+    finally:
+        tracemalloc.stop()
+    assert refused <= 2 * cached, f"refused {refused:.0f} B/entry, cached {cached:.0f} B/entry"
+
+
+async def test_answering_from_the_negative_cache_does_not_grow_memory(h: Harness) -> None:
+    """Each answer from the negative cache is a fresh error: re-raising one stored exception
+    grew its traceback by a frame per request."""
+    cache = h.cache(negative_ttl=60)
+    subject = bogus_subject(0)
+    key = CacheKey.of(subject, RED, "embedded:shop")
+    with pytest.raises(InvalidRequest):
+        await cache.get(key, lambda: refuse(subject))
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            with pytest.raises(InvalidRequest) as caught:
+                await cache.get(key, lambda: refuse(subject))
+            assert caught.value.description == "subject_token signature is invalid"
+            del caught
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024, f"{grown} bytes after 2000 answers"
 
 
 async def test_refresh_ahead_replaces_a_hot_entry_before_it_expires(h: Harness) -> None:

@@ -184,6 +184,7 @@ KITCHEN_SINK_CORE: dict[str, Any] = {
         "ca_file": "redis-ca.pem",
         "key_prefix": "zg:",
     },
+    "listeners": {"header_timeout": 5, "keepalive_timeout": 30},
 }
 REMOTE: dict[str, Any] = {
     "mode": "remote",
@@ -243,6 +244,7 @@ KITCHEN_SINK_SIDECAR: dict[str, Any] = {
     },
     "max_header_size": 16384,
     "shutdown_grace": 1,
+    "listeners": {"header_timeout": 5, "keepalive_timeout": 30},
 }
 
 

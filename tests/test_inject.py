@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import json
 import logging
@@ -21,9 +22,11 @@ import kubernetes_validate
 import pytest
 import trustme
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from injector.config import InjectorConfig, parse_injector_config
-from injector.review import answer_review, pointer
+from injector.review import InvalidReview, answer_review, pointer
 from injector.server import make_app
 from runtime.logsetup import JsonFormatter
 from runtime.tls import ReloadingTls
@@ -329,6 +332,115 @@ async def test_malformed_review_is_a_clear_400(
     document = await response.json()
     assert document["error"] == "invalid_request"
     assert cause in document["error_description"]
+
+
+def _nested_in_pod(depth: int) -> bytes:
+    review = review_of("pod-with-label")
+    review["request"]["object"]["metadata"]["labels"]["deep"] = "@"
+    deep = "[" * depth + "]" * depth
+    return json.dumps(review).encode().replace(b'"@"', deep.encode())
+
+
+UNPARSABLE = [
+    (b"[" * 20_000, "nested"),
+    (b'{"a":' * 20_000, "nested"),
+    (b"[" * 20_000 + b"]" * 20_000, "nested"),
+    (_nested_in_pod(20_000), "nested"),
+    (b'{"apiVersion": ' + b"1" * 5000 + b"}", "not JSON"),
+    (b'{"a": "\\ud800"', "not JSON"),
+    (b"\xef\xbb\xbf{}", "AdmissionReview"),
+    (b"", "not JSON"),
+]
+
+
+@pytest.mark.usefixtures("no_crash")
+@pytest.mark.parametrize(("body", "cause"), UNPARSABLE)
+async def test_a_body_the_injector_cannot_parse_is_400_never_500(
+    body: bytes, cause: str, aiohttp_client: ClientFactory
+) -> None:
+    """Deep nesting (RecursionError), huge numbers, broken encodings, nothing: 400 with a
+    message, and no error line or traceback in the log."""
+    client = await aiohttp_client(make_app(injector_config()))
+    response = await client.post("/mutate", data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    document = await response.json()
+    assert document["error"] == "invalid_request"
+    assert cause in document["error_description"]
+
+
+WEIRD_VALUES: list[Any] = [[1], {"a": 1}, None, 1.5, "x", True, [[[]]]]
+
+
+@pytest.mark.usefixtures("no_crash")
+@pytest.mark.parametrize("value", WEIRD_VALUES, ids=repr)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/request/object/spec/containers/0/ports/0/containerPort",
+        "/request/object/spec/containers/0/name",
+        "/request/object/spec/containers/0/env/0/name",
+        "/request/object/spec/volumes",
+        "/request/object/metadata/annotations/zonegate.io~1config",
+        "/request/object/metadata/labels",
+        "/request/kind/kind",
+        "/request/namespace",
+    ],
+)
+async def test_a_review_with_values_of_the_wrong_type_is_answered_never_500(
+    path: str, value: Any, aiohttp_client: ClientFactory
+) -> None:
+    """JSON that parses but puts a list or object where a name or port belongs: an answer
+    (refusal or skip) or a 400, never a 500."""
+    review = review_of("pod-with-label")
+    review["request"]["object"]["spec"].setdefault("volumes", [])
+    containers = review["request"]["object"]["spec"]["containers"]
+    containers[0].setdefault("ports", [{"containerPort": 8080}])
+    containers[0].setdefault("env", [{"name": "A", "value": "1"}])
+    jsonpatch.apply_patch(review, [{"op": "add", "path": path, "value": value}], in_place=True)
+    client = await aiohttp_client(make_app(injector_config(**FULL)))
+    response = await client.post("/mutate", json=review)
+    assert response.status in (200, 400)
+
+
+# Keys the webhook reads, so that generated objects reach its code paths.
+KEYS = st.sampled_from(["name", "containerPort", "ports", "env", "value", "zonegate.io/config"])
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(KEYS | st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+POD_PATHS = st.sampled_from(
+    [
+        ("metadata",), ("metadata", "labels"), ("metadata", "annotations"), ("spec",),
+        ("spec", "containers"), ("spec", "initContainers"), ("spec", "volumes"),
+        ("spec", "hostNetwork"), ("spec", "containers", 0), ("spec", "containers", 0, "ports"),
+        ("spec", "containers", 0, "env"), ("spec", "containers", 0, "name"),
+        ("spec", "containers", 0, "ports", 0, "containerPort"),
+        ("spec", "containers", 0, "env", 0, "name"), ("spec", "volumes", 0, "name"),
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(at=POD_PATHS, value=JSON)
+def test_any_json_in_a_pod_is_answered_or_invalid_never_a_crash(
+    at: tuple[str | int, ...], value: Any
+) -> None:
+    """Whatever JSON a pod holds where the webhook looks, the answer is a review or
+    InvalidReview (400): no TypeError or KeyError becomes a 500."""
+    review = review_of("pod-with-label")
+    review["request"]["object"]["spec"]["containers"][0].update(
+        ports=[{"containerPort": 8080}], env=[{"name": "A", "value": "1"}]
+    )
+    review["request"]["object"]["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+    parent = review["request"]["object"]
+    for part in at[:-1]:
+        parent = parent[part]
+    parent[at[-1]] = value
+    with contextlib.suppress(InvalidReview):
+        answer_review(json.dumps(review).encode(), injector_config(**FULL))
 
 
 async def test_wrong_content_type_is_415(aiohttp_client: ClientFactory) -> None:

@@ -9,7 +9,13 @@ import pytest
 
 from runtime.configload import ConfigError
 from sidecar.config import parse_sidecar_config
-from sidecar.routes import BadPath, RouteTable, normalise_path
+from sidecar.routes import (
+    BadPath,
+    RouteTable,
+    TokenInTarget,
+    normalise_path,
+    refuse_token_in_target,
+)
 
 EXCHANGE = {
     "mode": "remote",
@@ -204,3 +210,46 @@ def test_route_exchange_is_its_own_in_the_cache_identity() -> None:
     config = parse_sidecar_config({"exchange": EXCHANGE, "routes": routes}, Path.cwd())
     assert len(config.exchanges()) == 2
     assert config.exchange_for(config.routes[1]).identity.startswith("remote:http://127.0.0.1:8082")
+
+
+TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln+/=="
+
+
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [
+        (f"/green/{TOKEN}", "path"),
+        (f"/green/a{TOKEN}b/c", "path"),
+        ("/green/" + TOKEN.replace("/", "%2F").replace("+", "%2B"), "path"),
+        (f"/x?access_token={TOKEN}", "query"),
+        (f"/x?a=1&t={TOKEN}", "query"),
+        ("/x?t=" + TOKEN.replace("=", "%3D").replace("/", "%2f"), "query"),
+        (f"http://billing.red.internal/x?t={TOKEN}", "query"),
+        (f"http://billing.red.internal/{TOKEN}", "path"),
+        ("/x?access_token=other", "query"),
+        ("/x?a=1;access_token=", "query"),
+        ("/x?ACCESS_TOKEN=other", "query"),
+        ("/x?access%5Ftoken=other", "query"),
+        ("/x?access_token", "query"),
+    ],
+)
+def test_a_target_carrying_a_token_is_refused(target: str, where: str) -> None:
+    """The subject token in the path or query, or RFC 6750 §2.3's access_token parameter."""
+    with pytest.raises(TokenInTarget, match=f"query parameter access_token|request {where}") as e:
+        refuse_token_in_target(target, TOKEN)
+    assert TOKEN not in str(e.value) and isinstance(e.value, BadPath)
+
+
+@pytest.mark.parametrize(
+    ("target", "token"),
+    [
+        ("/x?a=1&b=2", TOKEN),
+        ("/x?my_access_token=1&access_tokens=2", TOKEN),
+        (f"/green/{TOKEN[:20]}", TOKEN),
+        ("/green/anything", None),
+        ("/", None),
+    ],
+)
+def test_a_target_without_a_token_passes(target: str, token: str | None) -> None:
+    """Other parameters, a part of the token, or no token known: nothing to refuse."""
+    refuse_token_in_target(target, token)

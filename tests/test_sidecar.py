@@ -282,6 +282,8 @@ async def test_upstream_sees_zone_token_never_the_original(running: Running) -> 
     assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
     assert seen.headers["X-Forwarded-Proto"] == "http"
     assert seen.headers["X-Forwarded-Host"] == running.proxy.make_url("").authority
+    host = running.proxy.make_url("").authority
+    assert seen.headers["Forwarded"] == f'for=127.0.0.1;proto=http;host="{host}"'
     assert subject not in json.dumps(dict(seen.headers))
     scheme, zone_token = running.red.authorization().split(" ")
     assert scheme == "Bearer"
@@ -298,6 +300,11 @@ SPOOFED = [
     "X-Authenticated-Userid", "X-Consumer-Username", "X-Consumer-Custom-Id",
     "Cf-Access-Jwt-Assertion", "Cf-Access-Authenticated-User-Email", "X-Pomerium-Claim-Email",
     "X-Pomerium-Jwt-Assertion", "X-SSL-Client-S-DN", "X_Ssl_Client_Verify", "Ssl-Client-Cert",
+    "Client-Cert", "Client-Cert-Chain", "X-Client-Cert", "X-SSL-Cert", "X-ARR-ClientCert",
+    "X-Amzn-Mtls-Clientcert", "OIDC_CLAIM_email", "OIDC-Access-Token", "Remote-Groups",
+    "X-MS-TOKEN-AAD-ACCESS-TOKEN", "Tailscale-User-Login", "X-Vouch-User", "X-Auth-User",
+    "X-Credential-Identifier", "X-Authenticated-Scope", "X-Anonymous-Consumer",
+    "X-Original-URL", "X-Rewrite-URL",
 ]  # fmt: skip
 
 
@@ -463,12 +470,101 @@ async def test_missing_token_rejected_or_forwarded_per_route(running: Running) -
     async with running.session.get(running.url("/red/x")) as r:
         assert r.status == 401
         assert r.headers["WWW-Authenticate"].startswith("Bearer")
-    async with running.session.get(
-        running.url("/public/x"), headers={"Authorization": "Basic eDp5"}
-    ) as r:
+    async with running.session.get(running.url("/public/x"), headers={"X-App": "1"}) as r:
         assert r.status == 201
     assert "Authorization" not in running.red.seen[-1].headers
     assert running.counted.calls == 0
+
+
+async def raw_exchange(port: int | None, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Send raw request bytes (Connection: close); the status and the JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body) if body else {}
+
+
+MALFORMED_AUTHORIZATION = [
+    "Authorization: Bearer {t}\r\nAuthorization: Bearer {t}",
+    "Authorization: Bearer {t}\r\nAuthorization: Basic eDp5",
+    "Authorization: bearer\t{t}",
+    "Authorization: Token {t}",
+    "Authorization: Basic eDp5",
+    "Authorization: Bearer",
+    "Authorization: Bearer {t} extra",
+    "Authorization: ",
+]
+
+
+@pytest.mark.parametrize("route", ["/red/x", "/public/x"])
+@pytest.mark.parametrize("authorization", MALFORMED_AUTHORIZATION)
+async def test_a_malformed_or_repeated_authorization_is_400_on_every_route(
+    running: Running, route: str, authorization: str
+) -> None:
+    """Not exactly one RFC 6750 Bearer credential: 400 invalid_request, nothing forwarded,
+    on a missing_token: forward route too (where copies of the token would otherwise go on)."""
+    subject = running.op.login("alice")
+    request = (
+        f"GET {route} HTTP/1.1\r\nHost: 127.0.0.1\r\n{authorization.format(t=subject)}\r\n"
+        f"Cookie: session={subject}\r\nX-Copy: {subject}\r\nConnection: close\r\n\r\n"
+    )
+    status, body = await raw_exchange(running.proxy.port, request.encode())
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert "Authorization" in body["error_description"]
+    assert subject not in json.dumps(body)
+    assert running.red.seen == [] and running.counted.calls == 0
+
+
+TOKEN_IN_TARGET = [
+    ("GET /red/x?access_token={t} HTTP/1.1", "query"),
+    ("GET /red/x?a=1&access_token={t}&b=2 HTTP/1.1", "query"),
+    ("GET /red/{t} HTTP/1.1", "path"),
+    ("GET /red/x/{t}/y HTTP/1.1", "path"),
+    ("GET /red/x?next=%2Fa%3Ftoken%3D{t} HTTP/1.1", "query"),
+    ("GET /green/{t} HTTP/1.1", "path"),
+    ("GET /public/{t} HTTP/1.1", "path"),
+    ("GET http://billing.red.internal/x?access_token={t} HTTP/1.1", "query"),
+    ("GET http://billing.red.internal/{t} HTTP/1.1", "path"),
+]
+
+
+@pytest.mark.parametrize(("request_line", "where"), TOKEN_IN_TARGET)
+async def test_a_request_target_holding_the_subject_token_is_400_never_forwarded(
+    running: Running, request_line: str, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token in the path or query (RFC 6750 §2.3), reverse or forward mode: 400 saying
+    why; a URL lands in every access log on its way, so it is never forwarded."""
+    # The test servers' aiohttp access lines quote the URL: off, as in the programs (logsetup).
+    caplog.set_level(logging.WARNING, logger="aiohttp.access")
+    subject = running.op.login("alice")
+    request = (
+        f"{request_line.format(t=subject)}\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {subject}\r\nConnection: close\r\n\r\n"
+    )
+    status, body = await raw_exchange(running.proxy.port, request.encode())
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert f"request {where} holds the bearer token" in body["error_description"]
+    assert subject not in json.dumps(body)
+    assert running.red.seen == [] and running.green.seen == []
+    assert running.counted.calls == 0
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/public/x?access_token=abc", "/red/x?Access_Token=abc", "/red/x?access%5Ftoken=abc"],
+)
+async def test_an_access_token_query_parameter_is_400_even_without_authorization(
+    running: Running, target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RFC 6750 §2.3's carrier is refused on any route: it would carry a token in the URL."""
+    caplog.set_level(logging.WARNING, logger="aiohttp.access")
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    status, body = await raw_exchange(running.proxy.port, request.encode())
+    assert (status, body["error"]) == (400, "invalid_request")
+    assert "access_token" in body["error_description"]
+    assert running.red.seen == []
 
 
 async def test_refused_subject_token_is_401_invalid_token_and_not_retried(running: Running) -> None:
@@ -645,6 +741,23 @@ async def test_websocket_upgrade_is_exchanged_and_relayed(running: Running) -> N
         assert await ws.receive_str(timeout=5) == "red:ping"
     token = running.red.authorization().removeprefix("Bearer ")
     assert (await running.zone_claims(token, "red", "billing"))["sub"] == "alice"
+
+
+async def test_a_websocket_subprotocol_holding_the_subject_token_is_not_offered_upstream(
+    running: Running,
+) -> None:
+    """Sec-WebSocket-Protocol entries carrying the token are dropped; the others are offered."""
+    subject = running.op.login("alice")
+    protocols = (f"access_token.{subject}", "zone.v1")
+    async with running.session.ws_connect(
+        running.url("/red/ws"), headers=running.bearer(subject), protocols=protocols
+    ) as ws:
+        assert ws.protocol == "zone.v1"
+        await ws.send_str("ping")
+        assert await ws.receive_str(timeout=5) == "red:ping"
+    seen = running.red.seen[-1].headers
+    assert seen["Sec-WebSocket-Protocol"] == "zone.v1"
+    assert subject not in json.dumps(list(seen.items()))
 
 
 # -- streaming ---------------------------------------------------------------------------------

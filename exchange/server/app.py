@@ -577,7 +577,9 @@ def main(config_path: Path, *, log_level: str = "INFO") -> int:
         runtime.ready = False
 
     ssl_context = runtime.tls.context if runtime.tls is not None else None
-    listeners = [Listener("exchange", app, host, port, ssl_context=ssl_context)]
+    timeouts = config.listeners
+    listeners = [Listener("exchange", app, host, port, ssl_context=ssl_context, timeouts=timeouts)]
     if config.admin_listen is not None:
-        listeners.append(Listener("admin", create_admin_app(app), *config.admin_listen))
+        admin = create_admin_app(app)
+        listeners.append(Listener("admin", admin, *config.admin_listen, timeouts=timeouts))
     return run(serve(listeners, on_hup=on_hup, on_drain=on_drain))
