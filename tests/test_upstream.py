@@ -114,6 +114,25 @@ async def test_sequential_requests_share_one_connection(pool: UpstreamPool) -> N
     assert len(accepts) == 1
 
 
+def test_keep_alive_on_uvloop() -> None:
+    """The sidecar runs on uvloop, whose transports are not asyncio's classes: same behaviour."""
+    uvloop = pytest.importorskip("uvloop")
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def main() -> tuple[list[tuple[int, bytes]], int]:
+        pool = UpstreamPool()
+        try:
+            async with raw_server(answering(ok, ok, ok)) as (origin, accepts):
+                answers = [await fetch(pool, origin) for _ in range(3)]
+                return answers, len(accepts)
+        finally:
+            await pool.close()
+
+    answers, accepts = uvloop.run(main())
+    assert answers == [(200, b"ok")] * 3
+    assert accepts == 1
+
+
 async def test_aiohttp_server_keeps_one_connection_and_sees_our_headers(pool: UpstreamPool) -> None:
     """An aiohttp server gets Host, our headers in order, and one connection for all requests."""
     peers: set[object] = set()
