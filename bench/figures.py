@@ -119,18 +119,69 @@ async def best_of_rounds(
     return best
 
 
+BASELINES = {  # the same-run baselines every throughput row is compared with
+    "nginx": "nginx proxy_pass",
+    "envoy": "Envoy --concurrency 1",
+    "bare": "bare aiohttp proxy",
+}
+FLOORS = {**BASELINES, "lean": "lean floor: aiohttp low-level server + sidecar/upstream.py"}
+
+
+def versus(run: Throughput, runs: dict[str, Throughput]) -> str:
+    """A run's CPU/req and req/s as ratios to each baseline of the same run."""
+    present = [name for name in BASELINES if name in runs]
+    cpu = ", ".join(f"{run.cpu_us / runs[n].cpu_us:.2f}x {n}" for n in present)
+    rps = ", ".join(
+        f"{run.result.requests_per_second / runs[n].result.requests_per_second:.2f}x {n}"
+        for n in present
+    )
+    return f"CPU/req {cpu}; req/s {rps}"
+
+
+def floor_rows(runs: dict[str, Throughput]) -> list[Row]:
+    rows = []
+    for name, label in FLOORS.items():
+        if name not in runs:
+            rows.append(Row(f"(baseline) {label}", "skipped: not installed", "-", "-", "-", None))
+            continue
+        rows.append(
+            Row(f"(baseline) {label}", str(runs[name]), "-", versus(runs[name], runs), "-", None)
+        )
+    return rows
+
+
+def cpu_rows(hit: Throughput, runs: dict[str, Throughput]) -> list[Row]:
+    """The data path's budget: a hit's CPU/req against the bare proxy and Envoy."""
+    rows = []
+    for name, limit in (("bare", 0.4), ("envoy", 1.25)):
+        if name not in runs:
+            continue
+        base = runs[name].cpu_us
+        rows.append(
+            Row(
+                "cache-hit CPU per request, sidecar",
+                f"{hit.cpu_us:.0f} us CPU/req",
+                f"{base:.0f} us CPU/req {BASELINES[name]}",
+                ratio(hit.cpu_us, base),
+                f"<= {limit}x",
+                hit.cpu_us <= limit * base,
+            )
+        )
+    return rows
+
+
 async def throughput(stack: Stack, size: Size) -> list[Row]:
     sidecar = stack.url("embedded", "sidecar")
-    runs = await best_of_rounds(
-        stack,
-        size,
-        {
-            "bare": ("bare", f"{stack.url('bare')}/x", {}),
-            "hit": ("embedded", f"{sidecar}/hit/x", bearer(new_subject(stack))),
-            "forward": ("embedded", f"{sidecar}/fwd/x", {}),
-            "nginx": ("nginx", f"{stack.url('nginx')}/x", {}),
-        },
-    )
+    targets = {
+        "bare": ("bare", f"{stack.url('bare')}/x", {}),
+        "hit": ("embedded", f"{sidecar}/hit/x", bearer(new_subject(stack))),
+        "forward": ("embedded", f"{sidecar}/fwd/x", {}),
+        "nginx": ("nginx", f"{stack.url('nginx')}/x", {}),
+        "lean": ("lean", f"{stack.url('lean')}/x", {}),
+    }
+    if "envoy" in stack.procs:
+        targets["envoy"] = ("envoy", f"{stack.url('envoy')}/x", {})
+    runs = await best_of_rounds(stack, size, targets)
     hit, bare, nginx = runs["hit"], runs["bare"], runs["nginx"]
     rps = {name: run.result.requests_per_second for name, run in runs.items()}
     return [
@@ -150,6 +201,8 @@ async def throughput(stack: Stack, size: Size) -> list[Row]:
             ">= 0.4x",
             rps["hit"] >= 0.4 * rps["nginx"],
         ),
+        *cpu_rows(hit, runs),
+        Row("(context) cache hit, ratios", str(hit), "-", versus(hit, runs), "-", None),
         Row(
             "(context) token-less forward route, sidecar",
             str(runs["forward"]),
@@ -158,6 +211,7 @@ async def throughput(stack: Stack, size: Size) -> list[Row]:
             "-",
             None,
         ),
+        *floor_rows(runs),
     ]
 
 

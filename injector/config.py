@@ -19,7 +19,6 @@ from runtime.configload import (
     read_listener_timeouts,
 )
 
-
 INJECT_LABEL = "zonegate.io/inject"  # on a pod: "true" opts in, "false" opts out
 NAMESPACE_ENABLED = "enabled"  # zonegate.io/inject=enabled on a namespace: every pod unless "false"
 LOG_LEVEL_ANNOTATION = "zonegate.io/log-level"

@@ -28,7 +28,6 @@ from runtime.configload import (
     ListenerTimeouts,
     Node,
     load_document,
-    load_yaml,
     parse_listen,
     read_document,
     read_listener_timeouts,
