@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One stamp per purpose: the demo needs only the package, the checks need the test extra.
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test lint typecheck pytest install tools bench clean
 
@@ -11,11 +13,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,uvloop]'
-	touch $(STAMP)
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(DEMO_STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,uvloop]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # System tools the tests use: promtool (Debian's prometheus package); wrk, hey and nginx for
 # the benchmark (tests/test_bench.py runs it once at a tiny size).
@@ -28,7 +34,7 @@ tools:
 	  [ -z "$$missing" ] || { echo "installing$$missing"; apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(BIN)/zonegate demo
 
 lint: install
