@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_STAMP := $(VENV)/.installed-demo
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint typecheck pytest install tools bench clean
+.PHONY: demo test lint typecheck pytest install tools bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,17 @@ test: lint typecheck pytest
 
 bench: install tools
 	$(BIN)/python -m bench
+
+# requirements.lock: what the Dockerfile installs with --require-hashes. The runtime
+# dependencies of pyproject.toml plus the uvloop extra (the image runs on uvloop) and the build
+# backend (the image builds the project without build isolation), every file hashed.
+# Run after changing dependencies in pyproject.toml; tests/test_image.py checks they match.
+lock: | $(BIN)/python
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --extra uvloop --build-deps-for wheel \
+	  --no-emit-index-url --no-emit-trusted-host --no-emit-find-links \
+	  --output-file requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
