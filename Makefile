@@ -3,19 +3,25 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# One stamp per purpose: the demo needs only the package, the checks need the test extra.
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint typecheck layers pytest install tools bench clean
+.PHONY: demo test lint typecheck layers pytest install tools bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test,uvloop]'
-	touch $(STAMP)
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(DEMO_STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,uvloop]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # System tools the tests use: promtool (Debian's prometheus package); redis-server for the
 # shared-state tests; nginx-light (it has auth_request) for the mesh tests and, with wrk and
@@ -33,7 +39,7 @@ tools:
 	  [ -z "$$missing" ] || { echo "installing$$missing"; apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(BIN)/zonegate demo
 
 lint: install
@@ -54,6 +60,17 @@ test: lint typecheck layers pytest
 
 bench: install tools
 	$(BIN)/python -m bench
+
+# requirements.lock: what the Dockerfile installs with --require-hashes. The runtime
+# dependencies of pyproject.toml plus the uvloop extra (the image runs on uvloop) and the build
+# backend (the image builds the project without build isolation), every file hashed.
+# Run after changing dependencies in pyproject.toml; tests/test_image.py checks they match.
+lock: | $(BIN)/python
+	$(BIN)/pip install -q pip-tools
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --extra uvloop --build-deps-for wheel \
+	  --no-emit-index-url --no-emit-trusted-host --no-emit-find-links \
+	  --output-file requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,7 +18,8 @@ from aiohttp import web, web_request, web_server
 from runtime.serving import run
 from sidecar.app import proxy_server_args
 from sidecar.config import SidecarConfig
-from sidecar.proxy import CHUNK, HOP_BY_HOP, end_to_end
+from sidecar.headers import HOP_BY_HOP, end_to_end
+from sidecar.proxy import CHUNK
 from sidecar.upstream import Origin, UpstreamPool, UpstreamResponse
 
 DROP_UP = ("host", "content-length", "transfer-encoding")

@@ -158,7 +158,7 @@ def test_sidecar_runs_restricted() -> None:
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert sidecar["resources"] == {
-        "requests": {"cpu": "20m", "memory": "64Mi"},
+        "requests": {"cpu": "50m", "memory": "80Mi"},
         "limits": {"memory": "128Mi"},
     }
     assert sidecar["readinessProbe"]["httpGet"]["port"] == "zonegate-admin"
@@ -690,7 +690,7 @@ def test_annotations_override_resources_and_log_level() -> None:
     )
     (sidecar,) = sidecars(patched_pod(review, answer(review, injector_config())))
     assert sidecar["resources"] == {
-        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "requests": {"cpu": "50m", "memory": "80Mi"},
         "limits": {"memory": "256Mi"},
     }
     assert sidecar["args"][-2:] == ["--log-level", "DEBUG"]
