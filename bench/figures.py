@@ -93,11 +93,12 @@ class Throughput:
 
 
 async def measured(stack: Stack, size: Size, target: tuple[str, str, dict[str, str]]) -> Throughput:
-    proc_name, url, headers = target
-    proc = stack.procs[proc_name]
-    cpu = proc.cpu_seconds()
+    proc_names, url, headers = target  # "a+b": the CPU of both processes, summed
+    procs = [stack.procs[name] for name in proc_names.split("+")]
+    cpu = sum(proc.cpu_seconds() for proc in procs)
     result = await load(stack, url, size.seconds, size.connections, headers)
-    return Throughput(result, (proc.cpu_seconds() - cpu) * 1e6 / max(result.requests, 1))
+    spent = sum(proc.cpu_seconds() for proc in procs) - cpu
+    return Throughput(result, spent * 1e6 / max(result.requests, 1))
 
 
 async def best_of_rounds(
@@ -181,6 +182,9 @@ async def throughput(stack: Stack, size: Size) -> list[Row]:
     }
     if "envoy" in stack.procs:
         targets["envoy"] = ("envoy", f"{stack.url('envoy')}/x", {})
+    if "envoy_authz" in stack.procs:
+        subject = bearer(new_subject(stack))
+        targets["envoy_authz"] = ("envoy_authz+authz", f"{stack.url('envoy_authz')}/hit/x", subject)
     runs = await best_of_rounds(stack, size, targets)
     hit, bare, nginx = runs["hit"], runs["bare"], runs["nginx"]
     rps = {name: run.result.requests_per_second for name, run in runs.items()}
@@ -212,6 +216,27 @@ async def throughput(stack: Stack, size: Size) -> list[Row]:
             None,
         ),
         *floor_rows(runs),
+        *authz_rows(runs),
+    ]
+
+
+def authz_rows(runs: dict[str, Throughput]) -> list[Row]:
+    """What each deployment costs: Envoy + zonegate authz (both processes' CPU) beside Envoy
+    plain and the zonegate proxy, cache hits all."""
+    if "envoy_authz" not in runs:
+        return [
+            Row("(deployment) Envoy + zonegate authz", "skipped: no Envoy", "-", "-", "-", None)
+        ]
+    both = runs["envoy_authz"]
+    return [
+        Row(
+            "(deployment) Envoy + zonegate authz, cache hit (CPU of both processes)",
+            str(both),
+            f"{runs['hit']} zonegate proxy",
+            versus(both, runs),
+            "-",
+            None,
+        )
     ]
 
 

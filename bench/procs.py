@@ -162,15 +162,25 @@ class Workspace:
         await wait_http(proc, f"{proc.urls['http']}/", expect=None)
         return proc
 
-    async def envoy(self, name: str, binary: Path, upstream_url: str, *, cpu: int | None) -> Proc:
-        """Envoy, one worker thread (``--concurrency 1``), plain HTTP/1.1 to ``upstream_url``."""
+    async def envoy(
+        self,
+        name: str,
+        binary: Path,
+        upstream_url: str,
+        *,
+        cpu: int | None,
+        authz_url: str | None = None,
+    ) -> Proc:
+        """Envoy, one worker thread (``--concurrency 1``), plain HTTP/1.1 to ``upstream_url``
+        (asking the zonegate authz listener at ``authz_url`` first, when given)."""
         port = free_port()
-        conf = self.write(f"{name}.json", envoy_bootstrap(port, upstream_url))
+        conf = self.write(f"{name}.json", envoy_bootstrap(port, upstream_url, authz_url))
         command = [str(binary), "-c", str(conf), "--concurrency", "1", "--disable-hot-restart"]
         command += ["--log-level", "warn"]
         proc = await self.spawn(name, command, cpu=cpu)
         proc.urls["http"] = f"http://127.0.0.1:{port}"
-        await wait_http(proc, f"{proc.urls['http']}/")
+        # with ext_authz a call without a token is refused: any answer means Envoy is up
+        await wait_http(proc, f"{proc.urls['http']}/", expect=None if authz_url else 200)
         return proc
 
     async def close(self) -> None:
@@ -256,8 +266,10 @@ def proxy_pass(upstream_url: str) -> tuple[str, str]:
     return server, http
 
 
-def envoy_bootstrap(port: int, upstream_url: str) -> dict[str, Any]:
-    """A static Envoy bootstrap: one HTTP/1.1 listener routing everything to one cluster."""
+def envoy_bootstrap(port: int, upstream_url: str, authz_url: str | None = None) -> dict[str, Any]:
+    """A static Envoy bootstrap: one HTTP/1.1 listener routing everything to one cluster;
+    with ``authz_url``, ext_authz asks that zonegate authz listener first (as
+    config/envoy/envoy.yaml does)."""
     host, _, upstream_port = upstream_url.removeprefix("http://").rpartition(":")
     manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
@@ -274,15 +286,19 @@ def envoy_bootstrap(port: int, upstream_url: str) -> dict[str, Any]:
             ]
         },
         "http_filters": [
+            *([ext_authz_filter()] if authz_url else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
                 },
-            }
+            },
         ],
     }
-    endpoint = {"address": {"socket_address": {"address": host, "port_value": int(upstream_port)}}}
+    clusters = [static_cluster("upstream", host, int(upstream_port))]
+    if authz_url:
+        authz_host, _, authz_port = authz_url.removeprefix("http://").rpartition(":")
+        clusters.append(static_cluster("authz", authz_host, int(authz_port)))
     return {
         "static_resources": {
             "listeners": [
@@ -301,16 +317,39 @@ def envoy_bootstrap(port: int, upstream_url: str) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": [
-                {
-                    "name": "upstream",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": "upstream",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
-                    },
-                }
-            ],
+            "clusters": clusters,
         }
+    }
+
+
+def static_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    endpoint = {"address": {"socket_address": {"address": host, "port_value": port}}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+        },
+    }
+
+
+def ext_authz_filter() -> dict[str, Any]:
+    """ext_authz as in config/envoy/envoy.yaml: the zonegate authz listener, /check prefix."""
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "status_on_error": {"code": "ServiceUnavailable"},
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+            "http_service": {
+                "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "1s"},
+                "path_prefix": "/check",
+                "authorization_response": {
+                    "allowed_upstream_headers": {"patterns": [{"exact": "authorization"}]}
+                },
+            },
+        },
     }

