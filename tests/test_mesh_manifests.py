@@ -13,20 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import jsonpatch
-import jsonschema  # type: ignore[import-untyped]
-import kubernetes_validate
 import pytest
 import yaml
+
+# The strict validation of every rendered resource: tests/test_k8s_manifests.py
+from tests.test_k8s_manifests import custom_validator
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "k8s" / "examples" / "istio"
 CRDS = Path(__file__).parent / "fixtures" / "crds"
-VERSIONS = ("1.29", "1.33")
-CUSTOM_SCHEMAS = {
-    ("networking.istio.io/v1alpha3", "EnvoyFilter"): "envoyfilter.json",
-    ("cert-manager.io/v1", "Certificate"): "certificate.json",
-    ("cert-manager.io/v1", "Issuer"): "issuer.json",
-}
 AUTHZ_PORT = 4481
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 MESH_RESERVED = set(range(15000, 15091)) | {4140, 4143, 4190, 4191}  # Istio, Linkerd
@@ -46,11 +41,6 @@ def find(docs: Docs, kind: str, name: str | None = None) -> dict[str, Any]:
     matches = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
     return matches[0]
-
-
-def custom_validator(api_version: str, kind: str) -> jsonschema.Draft202012Validator:
-    schema = json.loads((CRDS / CUSTOM_SCHEMAS[(api_version, kind)]).read_text())
-    return jsonschema.Draft202012Validator(schema)
 
 
 def envoy_filter(docs: Docs) -> dict[str, Any]:
@@ -79,30 +69,6 @@ def port_of(hostport: str) -> int:
 
 
 # --- rendering and schemas -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-def test_resources_validate_strictly(docs: Docs, version: str) -> None:
-    """Built-in kinds pass kubernetes-validate --strict; custom ones their shipped schema."""
-    errors: list[str] = []
-    for d in docs:
-        where = f"{d['kind']}/{d['metadata']['name']}"
-        try:
-            kubernetes_validate.validate(d, version, strict=True)
-            continue
-        except kubernetes_validate.ValidationError as e:
-            errors.append(f"{where}: {'.'.join(map(str, e.path))}: {e.message}")
-            continue
-        except kubernetes_validate.SchemaNotFoundError:
-            pass
-        if (d["apiVersion"], d["kind"]) not in CUSTOM_SCHEMAS:
-            errors.append(
-                f"{where}: no schema (neither Kubernetes {version} nor tests/fixtures/crds)"
-            )
-            continue
-        for error in custom_validator(d["apiVersion"], d["kind"]).iter_errors(d):
-            errors.append(f"{where}: {'.'.join(map(str, error.path))}: {error.message}")
-    assert not errors, "\n".join(errors)
 
 
 @pytest.mark.parametrize(
