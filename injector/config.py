@@ -75,6 +75,7 @@ class InjectorConfig:
     image_pull_policy: str = "IfNotPresent"
     proxy_port: int = 4480
     admin_port: int = 4490
+    authz_port: int = 4481  # declared always: the injector cannot see whether authz_listen is set
     config_mount_path: str = "/etc/zonegate"
     resources: dict[str, dict[str, str]] = field(default_factory=lambda: default_resources())
     service_account_token: TokenProjection | None = None
@@ -109,6 +110,7 @@ def read_injector(node: Node) -> InjectorConfig:
         image_pull_policy=node.choice("image_pull_policy", PULL_POLICIES, "IfNotPresent"),
         proxy_port=sidecar.integer("proxy_port", 4480, minimum=1, maximum=65535),
         admin_port=sidecar.integer("admin_port", 4490, minimum=1, maximum=65535),
+        authz_port=sidecar.integer("authz_port", 4481, minimum=1, maximum=65535),
         config_mount_path=_absolute(sidecar, "config_mount_path", "/etc/zonegate"),
         resources=_read_resources(sidecar.child("resources")),
         service_account_token=_read_token(node.child("service_account_token")),
@@ -118,6 +120,12 @@ def read_injector(node: Node) -> InjectorConfig:
     )
     if config.proxy_port == config.admin_port:
         sidecar.error("admin_port", f"must differ from proxy_port ({config.proxy_port})")
+    if config.authz_port in (config.proxy_port, config.admin_port):
+        sidecar.error(
+            "authz_port",
+            f"must differ from proxy_port ({config.proxy_port}) and admin_port "
+            f"({config.admin_port})",
+        )
     sidecar.finish()
     node.finish()
     return config

@@ -254,7 +254,7 @@ def _check_pod(spec: dict[str, Any], config: InjectorConfig) -> None:
     for name in (CONFIG_VOLUME, TOKEN_VOLUME):
         if name in taken:
             raise Refused(f"pod already has a volume named {name!r}, which the sidecar needs")
-    wanted = {config.proxy_port: "proxy", config.admin_port: "admin"}
+    wanted = {config.proxy_port: "proxy", config.admin_port: "admin", config.authz_port: "authz"}
     for container in _containers(spec):
         for port in _list(container, "ports"):
             number = port.get("containerPort")
@@ -341,6 +341,9 @@ def sidecar_container(
         "ports": [
             {"name": "zonegate-proxy", "containerPort": config.proxy_port, "protocol": "TCP"},
             {"name": "zonegate-admin", "containerPort": config.admin_port, "protocol": "TCP"},
+            # The authz listener's port (authz_listen, in the ConfigMap the injector cannot
+            # read): declared on every sidecar, so no app container may take it.
+            {"name": "zonegate-authz", "containerPort": config.authz_port, "protocol": "TCP"},
         ],
         "env": [
             _field_env("POD_NAME", "metadata.name"),

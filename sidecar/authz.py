@@ -17,8 +17,7 @@ import time
 
 from aiohttp import web
 
-from sidecar.headers import removed_for_safety
-from sidecar.proxy import Call, Proxy, route_for, subject_token_of
+from sidecar.proxy import Call, Proxy
 from sidecar.refusals import ProxyError
 
 log = logging.getLogger("zonegate.sidecar.authz")
@@ -65,23 +64,18 @@ async def _allow(proxy: Proxy, request: web.Request, call: Call) -> web.Response
     target = original_target(request.raw_path, proxy.config.authz.path_prefix)
     if target is None:
         raise ProxyError(403, "access_denied", "not a check request: the path_prefix is missing")
-    match = route_for(proxy.authz_table, request.headers.get("Host"), target, absolute=False)
-    if match is None:
-        raise ProxyError(403, "access_denied", "no route matches this host and path")
-    call.route = match.route.name
-    subject_token = subject_token_of(request.headers, target)
-    token = await proxy.token_for(subject_token, match.route, call)
+    host = request.headers.get("Host")
+    decision = await proxy.decide(request.headers, host, target, call, forwarding=False)
     headers = {}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    removed = removed_for_safety(request.headers, subject_token)
-    if removed and proxy.config.authz.unsafe_headers == "refuse":
+    if decision.token is not None:
+        headers["Authorization"] = f"Bearer {decision.token}"
+    if decision.unsafe and proxy.config.authz.unsafe_headers == "refuse":
         raise ProxyError(
             403,
             "access_denied",
             f"the call carries headers the sidecar drops and this proxy cannot remove: "
-            f"{', '.join(removed)} (a copy of the token, or a spoofable identity header)",
+            f"{', '.join(decision.unsafe)} (a copy of the token, or a spoofable identity header)",
         )
-    if removed:
-        headers[HEADERS_TO_REMOVE] = ",".join(removed)
+    if decision.unsafe:
+        headers[HEADERS_TO_REMOVE] = ",".join(decision.unsafe)
     return web.Response(status=200, headers=headers)

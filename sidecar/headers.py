@@ -7,7 +7,7 @@ Headers dropped on the way up (documented in docs/sidecar.md):
 * identity, client-certificate and path-override headers an app (or an attacker inside it)
   could spoof to a backend that trusts an auth proxy in front of it: the table
   ``SPOOFABLE_IDENTITY`` (each entry with who sets it), matched with ``_`` read as ``-``;
-* any header whose value holds the subject token (``drop_copies``).
+* any header whose value holds the subject token (``removed_for_safety``).
 """
 
 from __future__ import annotations
@@ -135,11 +135,14 @@ class Hop:
     original_host: str | None
 
 
-def upstream_headers(headers: Headers, hop: Hop) -> CIMultiDict[str]:
-    """Request headers for the upstream, without Authorization (set last by the caller)."""
-    out = end_to_end(headers, NOT_FORWARDED)
-    for name in [k for k in out if is_spoofable_identity(k)]:
-        out.popall(name, None)
+def upstream_headers(
+    headers: Headers, hop: Hop, *, unsafe: Iterable[str] | None = None
+) -> CIMultiDict[str]:
+    """Request headers for the upstream, without Authorization (set last by the caller) and
+    without ``unsafe`` (``removed_for_safety``; by default the spoofable identity headers)."""
+    if unsafe is None:
+        unsafe = removed_for_safety(headers, None)
+    out = end_to_end(headers, NOT_FORWARDED.union(unsafe))
     _append(out, "X-Forwarded-For", hop.remote or "unknown")
     _append(out, "X-Forwarded-Proto", hop.scheme)
     if hop.original_host:
@@ -168,16 +171,6 @@ def _forwarded_value(value: str) -> str:
     if _TOKEN.match(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def drop_copies(headers: CIMultiDict[str], subject_token: str | None) -> None:
-    """Drop every header holding the subject token: the original token is never forwarded,
-    not even where the app copied it (a warning names the header, never its value)."""
-    if subject_token is None:
-        return
-    for name in {k.lower(): k for k, v in headers.items() if subject_token in v}.values():
-        headers.popall(name, None)
-        log.warning("request header holding the subject token dropped", extra={"header": name})
 
 
 def websocket_protocols(headers: Headers, subject_token: str | None) -> list[str]:
@@ -239,14 +232,22 @@ def with_authorization(headers: CIMultiDict[str], token: str | None) -> CIMultiD
     return out
 
 
-def removed_for_safety(headers: Headers, subject_token: str | None) -> list[str]:
-    """The incoming headers the proxy would not forward for safety: spoofable identity headers
-    and any holding a copy of the subject token; never ``Authorization`` (it is replaced)."""
-    names: dict[str, str] = {}
+def removed_for_safety(headers: Headers, subject_token: str | None) -> tuple[str, ...]:
+    """The incoming headers never forwarded for safety, as sorted lower-case names: spoofable
+    identity headers, ``Proxy-Authorization`` (a credential for a proxy, never the upstream's)
+    and every header holding a copy of the subject token (a warning names each such header,
+    never its value); never ``Authorization`` (it is replaced)."""
+    names: set[str] = set()
     for name, value in headers.items():
         lower = name.lower()
         if lower == "authorization":
             continue
-        if is_spoofable_identity(name) or (subject_token is not None and subject_token in value):
-            names.setdefault(lower, lower)
-    return sorted(names)
+        if subject_token is not None and subject_token in value:
+            if lower not in names:
+                log.warning(
+                    "request header holding the subject token dropped", extra={"header": name}
+                )
+            names.add(lower)
+        elif lower == "proxy-authorization" or is_spoofable_identity(lower):
+            names.add(lower)
+    return tuple(sorted(names))

@@ -33,8 +33,8 @@ from sidecar.headers import (
     Headers,
     Hop,
     bearer_token,
-    drop_copies,
     end_to_end,
+    removed_for_safety,
     upstream_headers,
     websocket_protocols,
     with_authorization,
@@ -42,9 +42,11 @@ from sidecar.headers import (
 from sidecar.metrics import NO_ROUTE, SidecarMetrics
 from sidecar.refusals import (
     ProxyError,
+    authz_only_route,
     bearer_request_refused,
     connect_refused,
     exchange_refusal,
+    no_route,
     upstream_failure,
 )
 from sidecar.routes import BadPath, Match, RouteTable, TokenInTarget, refuse_token_in_target
@@ -72,6 +74,19 @@ class Call:
     started: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One call decided, the same way for both listeners (``Proxy.decide``): the route, the
+    subject token, the zone token to send (None: a ``missing_token: forward`` route called
+    without one) and the incoming headers that must not reach the upstream (lower-case names:
+    spoofable identity headers and copies of the subject token)."""
+
+    match: Match
+    subject_token: str | None
+    token: str | None
+    unsafe: tuple[str, ...]
+
+
 @dataclass
 class Upstream:
     """The upstream session and its TLS settings, created in the app's lifecycle."""
@@ -91,9 +106,9 @@ class Proxy:
         metrics: SidecarMetrics,
     ) -> None:
         self.config = config
-        # Routes without upstream are the authz listener's alone (Envoy or nginx forwards).
-        self.table = RouteTable([r for r in config.routes if r.upstream is not None])
-        self.authz_table = RouteTable(config.routes)
+        # One table for both listeners; a route without upstream is matched by the proxy too,
+        # and refused there (Envoy or nginx carries its calls, asking the authz listener).
+        self.table = RouteTable(config.routes)
         self.cache = cache
         self.exchangers = {  # by route name: an identity hashes every setting, once here
             route.name: exchangers[config.exchange_for(route).identity] for route in config.routes
@@ -135,17 +150,45 @@ class Proxy:
     async def _handle(self, request: web.Request, call: Call) -> web.StreamResponse:
         if request.method == "CONNECT":
             raise connect_refused()
-        match, original_host = self._match(request)
-        call.route = match.route.name
-        subject_token = subject_token_of(request.headers, request.raw_path)
-        token = await self.token_for(subject_token, match.route, call)
-        headers = upstream_headers(request.headers, _hop(request, original_host))
-        drop_copies(headers, subject_token)
+        authority, raw_target, absolute = _target(request)
+        decision = await self.decide(
+            request.headers, authority, raw_target, call, absolute=absolute, forwarding=True
+        )
+        hop = _hop(request, authority)
+        headers = upstream_headers(request.headers, hop, unsafe=decision.unsafe)
         if _is_websocket(request):
-            protocols = websocket_protocols(request.headers, subject_token)
-            return await self._websocket(request, match, headers, token, protocols)
-        response = await self._send_replaying_401(request, match, headers, token, call)
+            protocols = websocket_protocols(request.headers, decision.subject_token)
+            return await self._websocket(
+                request, decision.match, headers, decision.token, protocols
+            )
+        response = await self._send_replaying_401(
+            request, decision.match, headers, decision.token, call
+        )
         return await stream_back(request, response)
+
+    async def decide(
+        self,
+        headers: Headers,
+        authority: str | None,
+        raw_target: str,
+        call: Call,
+        *,
+        absolute: bool = False,
+        forwarding: bool,
+    ) -> Decision:
+        """The decision both listeners share: the route (escapes refused), the subject token
+        (malformed or leaked ones refused), the zone token (cache, single flight, the refusals
+        of ``sidecar.refusals``) and the headers to drop. ``forwarding``: the proxy listener
+        asks (it refuses a route without upstream); else the authz listener (no route: 403)."""
+        match = route_for(self.table, authority, raw_target, absolute=absolute)
+        if match is None:
+            raise no_route(authority, absolute=absolute, forwarding=forwarding)
+        call.route = match.route.name
+        if forwarding and match.url is None:
+            raise authz_only_route(match.route.name)
+        subject_token = subject_token_of(headers, raw_target)
+        token = await self.token_for(subject_token, match.route, call)
+        return Decision(match, subject_token, token, removed_for_safety(headers, subject_token))
 
     async def _send_replaying_401(
         self,
@@ -165,29 +208,9 @@ class Proxy:
         token = await self.token_for(bearer_token(request.headers), match.route, call)
         return await self._send(request, url_of(match), headers, token)
 
-    def _match(self, request: web.Request) -> tuple[Match, str | None]:
-        raw_target = request.raw_path
-        absolute = not raw_target.startswith("/")
-        authority: str | None = request.headers.get("Host")
-        if absolute:  # absolute-form (RFC 9112 §3.2.2): the app uses us as HTTP_PROXY
-            target = URL(raw_target, encoded=True)
-            if target.scheme not in ("http", "https") or not target.raw_host:
-                raise ProxyError(
-                    400, "invalid_request", "request target must be a path or an http URL"
-                )
-            host = target.raw_host.lower()
-            authority = f"{host}:{target.explicit_port}" if target.explicit_port else host
-            raw_target = target.raw_path_qs
-        match = route_for(self.table, authority, raw_target, absolute=absolute)
-        if match is None and absolute:
-            raise ProxyError(403, "access_denied", f"no route for {authority}: not an open proxy")
-        if match is None:
-            raise ProxyError(404, "not_found", "no route matches this host and path")
-        return match, authority
-
     async def token_for(self, subject_token: str | None, route: Route, call: Call) -> str | None:
         """The zone token for this call, or None when the route forwards token-less calls: the
-        decision the proxy and the authz listener share (cache, single flight, refusals)."""
+        part of ``decide`` that a replay after an upstream 401 asks again."""
         if subject_token is None:
             if route.missing_token == "forward":
                 return None
@@ -374,8 +397,22 @@ def route_for(
 
 
 def url_of(match: Match) -> URL:
-    assert match.url is not None, "the proxy's table holds routes with an upstream only"
+    assert match.url is not None, "decide(forwarding=True) refuses routes without upstream"
     return match.url
+
+
+def _target(request: web.Request) -> tuple[str | None, str, bool]:
+    """(authority, origin-form target, absolute?) of a request to the proxy listener."""
+    raw_target = request.raw_path
+    if raw_target.startswith("/"):
+        return request.headers.get("Host"), raw_target, False
+    # absolute-form (RFC 9112 §3.2.2): the app uses us as HTTP_PROXY
+    target = URL(raw_target, encoded=True)
+    if target.scheme not in ("http", "https") or not target.raw_host:
+        raise ProxyError(400, "invalid_request", "request target must be a path or an http URL")
+    host = target.raw_host.lower()
+    authority = f"{host}:{target.explicit_port}" if target.explicit_port else host
+    return authority, target.raw_path_qs, True
 
 
 def subject_expiry(token: str) -> float | None:

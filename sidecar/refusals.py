@@ -88,3 +88,24 @@ def upstream_failure(e: Exception) -> ProxyError:
     if isinstance(e, TimeoutError):
         return ProxyError(504, "gateway_timeout", "upstream did not answer in time")
     return ProxyError(502, "bad_gateway", f"upstream failed: {type(e).__name__}")
+
+
+def no_route(authority: str | None, *, absolute: bool, forwarding: bool) -> ProxyError:
+    """No route matches: the proxy in reverse mode says 404; used as ``HTTP_PROXY`` it is not
+    an open proxy (403); the authz listener never lets an unknown call through (403)."""
+    if absolute:
+        return ProxyError(403, "access_denied", f"no route for {authority}: not an open proxy")
+    if forwarding:
+        return ProxyError(404, "not_found", "no route matches this host and path")
+    return ProxyError(403, "access_denied", "no route matches this host and path")
+
+
+def authz_only_route(route: str) -> ProxyError:
+    """A call to the proxy listener that matches a route without ``upstream``."""
+    return ProxyError(
+        403,
+        "access_denied",
+        f"route {route!r} has no upstream: its calls go through Envoy or nginx, which ask the "
+        "authz listener for the token; the proxy listener does not forward them (give the "
+        "route an upstream to proxy it)",
+    )

@@ -147,17 +147,28 @@ async def test_forward_route_without_token_is_allowed_without_authorization(auth
 
 
 async def test_authz_only_route_serves_checks_not_the_proxy(authz: Authz) -> None:
-    """A route without upstream answers checks; the proxy listener has no route for it."""
+    """A route without upstream answers checks; the proxy listener refuses its calls with a
+    403 that says why, before any exchange, in both target forms."""
     subject = authz.running.op.login("alice")
     status, _, _ = await authz.check(
         "/check/", host="ledger.red.internal", Authorization=f"Bearer {subject}"
     )
     assert status == 200
+    calls = authz.running.counted.calls
     async with authz.running.session.get(
         authz.running.url("/"),
         headers={"Host": "ledger.red.internal", **authz.running.bearer(subject)},
     ) as r:
-        assert r.status == 404
+        body = await r.json()
+        assert (r.status, body["error"]) == (403, "access_denied")
+        assert "'authz-only' has no upstream" in body["error_description"]
+    async with authz.running.session.get(
+        "http://ledger.red.internal/x",
+        proxy=authz.running.url("/"),
+        headers=authz.running.bearer(subject),
+    ) as r:
+        assert r.status == 403 and "has no upstream" in (await r.json())["error_description"]
+    assert authz.running.counted.calls == calls
 
 
 async def test_checks_are_counted_by_route_and_outcome(authz: Authz) -> None:

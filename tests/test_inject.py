@@ -184,12 +184,13 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     ("change", "cause"),
     [
         (_set("/spec/containers/0/ports/0/containerPort", 4490), "port 4490"),
+        (_set("/spec/containers/0/ports/0/containerPort", 4481), "sidecar's authz port"),
         (_set("/spec/hostNetwork", True), "hostNetwork"),
         (_set("/spec/volumes", [{"name": "zonegate-config", "emptyDir": {}}]), "zonegate-config"),
         (_set("/metadata/annotations/zonegate.io~1config", "Not_A_Name"), "not a valid ConfigMap"),
         (_set("/metadata/annotations", ["not", "a", "map"]), "annotations must be an object"),
     ],
-    ids=["port", "hostNetwork", "volume", "configmap-name", "annotations-type"],
+    ids=["port", "authz-port", "hostNetwork", "volume", "configmap-name", "annotations-type"],
 )
 def test_pod_that_cannot_get_the_sidecar_is_refused(
     change: Callable[[dict[str, Any]], None], cause: str
@@ -624,7 +625,11 @@ def test_check_lists_every_injector_config_error_by_yaml_path(
                 "image": IMAGE,
                 "tls_key_file": "k",
                 "imagePullPolicy": "Always",
-                "sidecar": {"admin_port": 4480, "resources": {"requests": {"cpu": "lots"}}},
+                "sidecar": {
+                    "admin_port": 4480,
+                    "authz_port": 4480,
+                    "resources": {"requests": {"cpu": "lots"}},
+                },
                 "service_account_token": {"expiration_seconds": 60},
                 "http_proxy": {"enabled": "yes"},
             }
@@ -636,6 +641,7 @@ def test_check_lists_every_injector_config_error_by_yaml_path(
         "tls_cert_file: required",
         "imagePullPolicy: unknown key",
         "sidecar.admin_port: must differ from proxy_port",
+        "sidecar.authz_port: must differ from proxy_port (4480) and admin_port",
         "sidecar.resources.requests.cpu: must be a Kubernetes quantity",
         "service_account_token.expiration_seconds: must be between 600",
         "http_proxy.enabled: must be true or false",

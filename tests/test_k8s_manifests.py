@@ -487,11 +487,13 @@ def test_monitors_scrape_the_exchange_service_and_every_sidecar(rendered: dict[s
 # --- the example -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("example", ["examples/shop", "examples/istio"])
 def test_example_frontend_gets_a_valid_sidecar_from_the_shipped_injector(
-    rendered: dict[str, Docs],
+    rendered: dict[str, Docs], example: str
 ) -> None:
-    """The example frontend, run through the webhook with the shipped config, is a valid Pod."""
-    docs = rendered["examples/shop"]
+    """The example frontend, run through the webhook with the shipped config, is a valid Pod
+    whose sidecar declares the ports its config listens on (the Istio one: authz only)."""
+    docs = rendered[example]
     frontend = find(docs, "Deployment", "frontend")
     namespace = frontend["metadata"]["namespace"]
     pod = {"apiVersion": "v1", "kind": "Pod", **copy.deepcopy(frontend["spec"]["template"])}
@@ -519,6 +521,15 @@ def test_example_frontend_gets_a_valid_sidecar_from_the_shipped_injector(
     )
     sidecar = parse_sidecar_config(sidecar_document, Path("/"))
     assert sidecar.listen[1] == config.proxy_port and sidecar.admin_listen[1] == config.admin_port
+    if sidecar.authz_listen is not None:  # the Istio example: authz listener only
+        assert sidecar.authz_listen[1] == config.authz_port
+    (injected,) = (c for c in patched["spec"]["initContainers"] if c["name"] == "zonegate")
+    declared = {p["name"]: p["containerPort"] for p in injected["ports"]}
+    assert declared == {
+        "zonegate-proxy": config.proxy_port,
+        "zonegate-admin": config.admin_port,
+        "zonegate-authz": config.authz_port,
+    }
     assert config.service_account_token is not None
     remote = sidecar_document["exchange"]
     assert (
