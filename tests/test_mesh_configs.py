@@ -214,6 +214,7 @@ def test_envoy_config_is_as_designed() -> None:
         "www-authenticate",
         "retry-after",
         "content-type",
+        "cache-control",
     }
     authz_cluster = cluster(document, service["server_uri"]["cluster"])
     assert f":{cluster_port(authz_cluster)}" in service["server_uri"]["uri"]
@@ -276,7 +277,7 @@ def test_nginx_config_is_as_designed() -> None:
         "auth_request_set $zone_auth $upstream_http_authorization;",
         "proxy_set_header Authorization $zone_auth;",
         "error_page 401 = @zonegate_401;",
-        "error_page 500 = @zonegate_503;",
+        "error_page 500 = @zonegate_other;",
         "add_header Retry-After 1 always;",
     ):
         assert line in text, line
