@@ -287,3 +287,25 @@ def test_websocket_subprotocols_holding_the_token_are_not_offered(
     """The upstream handshake offers the app's subprotocols, never one holding the token."""
     headers = CIMultiDict(("Sec-WebSocket-Protocol", v) for v in values)
     assert websocket_protocols(headers, TOKEN) == offered
+
+
+def test_headers_named_for_removal_never_include_authorization() -> None:
+    """The authz listener names spoofable identity headers (``_`` or ``-``), Proxy-Authorization
+    and copies of the token for Envoy to remove, never Authorization itself."""
+    headers = CIMultiDict(
+        [
+            ("Authorization", f"Bearer {TOKEN}"),
+            ("X_Forwarded_User", "admin"),
+            ("Remote-User", "admin"),
+            ("Proxy-Authorization", "Basic YTpi"),
+            ("X-Trace", f"t={TOKEN}"),
+            ("Accept", "*/*"),
+        ]
+    )
+    assert removed_for_safety(headers, TOKEN) == (
+        "proxy-authorization",
+        "remote-user",
+        "x-trace",
+        "x_forwarded_user",
+    )
+    assert removed_for_safety(CIMultiDict([("Accept", "*/*")]), None) == ()
