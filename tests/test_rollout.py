@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -341,7 +342,12 @@ async def test_one_zone_exchange_down_at_start_does_not_keep_the_pod_unready(
     exchange is not required by default), red serves 201, green answers 503 with Retry-After,
     and green serves once its exchange server comes up, without a restart. Marked
     `required: true`, the same down exchange keeps another sidecar unready."""
-    red_port, green_port = free_port(), free_port()
+    red_port = free_port()
+    # green's port stays bound (never listening) until its server starts: a connection is
+    # refused, and no other test's server can take the port meanwhile (it once answered 502)
+    green_holder = socket.socket()
+    green_holder.bind(("127.0.0.1", 0))
+    green_port = green_holder.getsockname()[1]
     red_url, green_url = f"http://127.0.0.1:{red_port}", f"http://127.0.0.1:{green_port}"
     red_exchange = create_app(
         parse_exchange_config(exchange_document(op, issuer=red_url), tmp_path)
@@ -384,6 +390,7 @@ async def test_one_zone_exchange_down_at_start_does_not_keep_the_pod_unready(
         green_exchange = create_app(
             parse_exchange_config(exchange_document(op, issuer=green_url), tmp_path)
         )
+        green_holder.close()
         await aiohttp_server(green_exchange, host="127.0.0.1", port=green_port)
         green = await timed(session.get(proxy + "/green/x", headers=headers))
         assert green.status == 201
