@@ -39,6 +39,7 @@ from sidecar.config import SidecarConfig, load_sidecar_config
 from sidecar.exchanger import EmbeddedExchanger, Exchanger, build_exchanger
 from sidecar.metrics import SidecarMetrics
 from sidecar.proxy import Handler, Proxy, Upstream
+from sidecar.upstream import UpstreamPool
 
 log = logging.getLogger("zonegate.sidecar")
 
@@ -184,8 +185,8 @@ class Sidecar:
                 await cache.close()
                 for exchanger in exchangers:
                     await exchanger.close()
-                if upstream is not None and upstream.session is not None:
-                    await upstream.session.close()
+                if upstream is not None:
+                    await upstream.close()
 
         task = asyncio.ensure_future(later())
         self._retiring.add(task)
@@ -242,7 +243,8 @@ SIDECAR = web.AppKey("sidecar", Sidecar)
 
 
 def upstream_session(config: SidecarConfig) -> aiohttp.ClientSession:
-    """The upstream client: no decompression, explicit timeouts, pool limits, big headers."""
+    """The WebSocket upgrades' client: no decompression, explicit timeouts, pool limits, big
+    headers. Every other request goes through ``upstream_pool``."""
     settings = config.upstream
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
@@ -260,10 +262,27 @@ def upstream_session(config: SidecarConfig) -> aiohttp.ClientSession:
     )
 
 
+def upstream_pool(config: SidecarConfig, tls: ssl.SSLContext) -> UpstreamPool:
+    """The upstream client of every request (``sidecar.upstream``): its timeouts and limits
+    are ``upstream``'s, as the WebSocket session's are."""
+    settings = config.upstream
+    return UpstreamPool(
+        ssl_context=tls,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_idle=settings.max_connections_per_host,
+        max_busy=settings.max_connections,
+        max_busy_per_origin=settings.max_connections_per_host,
+        max_field_size=config.max_header_size,
+    )
+
+
 def configure_upstream(upstream: Upstream, config: SidecarConfig) -> Upstream:
-    """Give ``upstream`` its session and the TLS trust ``config`` names."""
+    """Give ``upstream`` its clients and the TLS trust ``config`` names."""
     if config.upstream.ca_file is not None:
         upstream.ssl = ssl.create_default_context(cafile=str(config.upstream.ca_file))
+    tls = upstream.ssl if isinstance(upstream.ssl, ssl.SSLContext) else ssl.create_default_context()
+    upstream.pool = upstream_pool(config, tls)
     upstream.session = upstream_session(config)
     return upstream
 
@@ -278,7 +297,7 @@ def _proxy_lifecycle(sidecar: Sidecar) -> Callable[[web.Application], AsyncItera
         reach.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reach
-        await sidecar.proxy.session.close()
+        await sidecar.proxy.upstream.close()
         await sidecar.close()
 
     return lifecycle

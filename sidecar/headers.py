@@ -93,7 +93,20 @@ SPOOFABLE_IDENTITY: tuple[tuple[str, str], ...] = (
 )
 _SPOOFABLE_NAMES = frozenset(e for e, _ in SPOOFABLE_IDENTITY if not e.endswith("*"))
 _SPOOFABLE_PREFIXES = tuple(e[:-1] for e, _ in SPOOFABLE_IDENTITY if e.endswith("*"))
-NOT_FORWARDED = HOP_BY_HOP | {"authorization", "expect", "host"}
+# Content-Length: the upstream client frames the body itself (it counts what it sends).
+NOT_FORWARDED = HOP_BY_HOP | {"authorization", "expect", "host", "content-length"}
+# Headers this hop appends to (their existing values joined, this hop's last).
+_APPENDED = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "forwarded"}
+)
+_APPENDED_WITHOUT_HOST = _APPENDED - {"x-forwarded-host"}  # without an original host: kept as is
+_APPENDED_NAMES = {
+    "x-forwarded-for": "X-Forwarded-For",
+    "x-forwarded-proto": "X-Forwarded-Proto",
+    "x-forwarded-host": "X-Forwarded-Host",
+    "via": "Via",
+    "forwarded": "Forwarded",
+}
 WEBSOCKET_HANDSHAKE = frozenset(
     {
         "sec-websocket-key",
@@ -140,15 +153,73 @@ def upstream_headers(
 ) -> CIMultiDict[str]:
     """Request headers for the upstream, without Authorization (set last by the caller) and
     without ``unsafe`` (``removed_for_safety``; by default the spoofable identity headers)."""
+    return CIMultiDict(upstream_fields(headers, hop, unsafe=unsafe))
+
+
+def upstream_fields(
+    headers: Headers,
+    hop: Hop,
+    *,
+    unsafe: Iterable[str] | None = None,
+    token: str | None = None,
+) -> list[tuple[str, str]]:
+    """``upstream_headers`` as a list in one pass over the incoming headers, with
+    ``Authorization: Bearer <token>`` last when a token is given: what the upstream client
+    writes. Dropped: hop-by-hop, every name ``Connection`` lists, ``NOT_FORWARDED`` and
+    ``unsafe``. ``X-Forwarded-For``/``-Proto``/``-Host``, ``Via`` and ``Forwarded`` keep the
+    app's values, joined, with this hop's appended (RFC 7239 §4, RFC 9110 §7.6.3)."""
     if unsafe is None:
         unsafe = removed_for_safety(headers, None)
-    out = end_to_end(headers, NOT_FORWARDED.union(unsafe))
-    _append(out, "X-Forwarded-For", hop.remote or "unknown")
-    _append(out, "X-Forwarded-Proto", hop.scheme)
-    if hop.original_host:
-        _append(out, "X-Forwarded-Host", hop.original_host)
-    _append(out, "Via", f"{hop.version} zonegate")
-    _append(out, "Forwarded", forwarded_element(hop))
+    dropped: frozenset[str] | set[str] = NOT_FORWARDED.union(unsafe) if unsafe else NOT_FORWARDED
+    if "Connection" in headers:
+        dropped = dropped | connection_tokens(headers)
+    own = (
+        ("x-forwarded-for", hop.remote or "unknown"),
+        ("x-forwarded-proto", hop.scheme),
+        ("x-forwarded-host", hop.original_host),
+        ("via", f"{hop.version} zonegate"),
+        ("forwarded", forwarded_element(hop)),
+    )
+    appended = _APPENDED if hop.original_host else _APPENDED_WITHOUT_HOST
+    out: list[tuple[str, str]] = []
+    seen: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if lower in appended:
+            seen.setdefault(lower, []).append(value)
+            continue
+        out.append((name, value))
+    for lower, mine in own:
+        if mine:
+            values = seen.get(lower)
+            joined = f"{', '.join(values)}, {mine}" if values else mine
+            out.append((_APPENDED_NAMES[lower], joined))
+    if token is not None:
+        out.append(("Authorization", f"Bearer {token}"))
+    return out
+
+
+def answer_fields(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """An upstream answer's headers as the app gets them: hop-by-hop and every name its
+    ``Connection`` lists removed, repeats and order kept, values as bytes passed through
+    (decoded as aiohttp's own client decodes them: UTF-8, other bytes escaped)."""
+    out: list[tuple[str, str]] = []
+    listed: set[str] | None = None
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1")
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                listed = listed or set()
+                listed.update(
+                    t.strip().lower() for t in raw_value.decode("latin-1").split(",") if t.strip()
+                )
+            continue
+        out.append((name, raw_value.decode("utf-8", "surrogateescape")))
+    if listed:
+        out = [(n, v) for n, v in out if n.lower() not in listed]
     return out
 
 
@@ -187,11 +258,6 @@ def websocket_protocols(headers: Headers, subject_token: str | None) -> list[str
     if subject_token is not None and len(kept) < len([p for p in offered if p]):
         log.warning("WebSocket subprotocol holding the subject token not offered upstream")
     return kept
-
-
-def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
-    existing = ", ".join(headers.popall(name, []))
-    headers[name] = f"{existing}, {value}" if existing else value
 
 
 class BadAuthorization(ValueError):

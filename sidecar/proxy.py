@@ -9,6 +9,7 @@ Every answer the proxy gives itself comes from ``refusals``; WebSockets relay in
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,9 +33,10 @@ from sidecar.headers import (
     BadAuthorization,
     Headers,
     Hop,
+    answer_fields,
     bearer_token,
-    end_to_end,
     removed_for_safety,
+    upstream_fields,
     upstream_headers,
     websocket_protocols,
     with_authorization,
@@ -50,6 +52,7 @@ from sidecar.refusals import (
     upstream_failure,
 )
 from sidecar.routes import BadPath, Match, RouteTable, TokenInTarget, refuse_token_in_target
+from sidecar.upstream import Origin, UpstreamClosed, UpstreamError, UpstreamPool, UpstreamResponse
 from sidecar.websocket import relay
 
 log = logging.getLogger("zonegate.sidecar")
@@ -89,10 +92,19 @@ class Decision:
 
 @dataclass
 class Upstream:
-    """The upstream session and its TLS settings, created in the app's lifecycle."""
+    """The upstream clients and their TLS settings, created in the app's lifecycle: the lean
+    HTTP/1.1 pool (``sidecar.upstream``) carries every request; the aiohttp session only
+    WebSocket upgrades."""
 
+    pool: UpstreamPool | None = None
     session: aiohttp.ClientSession | None = None
     ssl: Any = True
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        if self.session is not None:
+            await self.session.close()
 
 
 class Proxy:
@@ -155,16 +167,14 @@ class Proxy:
             request.headers, authority, raw_target, call, absolute=absolute, forwarding=True
         )
         hop = _hop(request, authority)
-        headers = upstream_headers(request.headers, hop, unsafe=decision.unsafe)
         if _is_websocket(request):
+            headers = upstream_headers(request.headers, hop, unsafe=decision.unsafe)
             protocols = websocket_protocols(request.headers, decision.subject_token)
             return await self._websocket(
                 request, decision.match, headers, decision.token, protocols
             )
-        response = await self._send_replaying_401(
-            request, decision.match, headers, decision.token, call
-        )
-        return await stream_back(request, response)
+        response = await self._send_replaying_401(request, decision, hop, call)
+        return await answer(request, response)
 
     async def decide(
         self,
@@ -191,22 +201,21 @@ class Proxy:
         return Decision(match, subject_token, token, removed_for_safety(headers, subject_token))
 
     async def _send_replaying_401(
-        self,
-        request: web.Request,
-        match: Match,
-        headers: CIMultiDict[str],
-        token: str | None,
-        call: Call,
-    ) -> aiohttp.ClientResponse:
+        self, request: web.Request, decision: Decision, hop: Hop, call: Call
+    ) -> UpstreamResponse:
         """Send; an upstream 401 on an exchanged token evicts it and resends once with a fresh
         exchange, when the request is safe to send twice (docs/sidecar.md "Upstream 401")."""
-        response = await self._send(request, url_of(match), headers, token)
+        url = url_of(decision.match)
+        unsafe = decision.unsafe
+        fields = upstream_fields(request.headers, hop, unsafe=unsafe, token=decision.token)
+        response = await self._send(request, url, fields)
         if response.status != 401 or call.key is None or not _replayable(request):
             return response
-        response.release()
+        response.close()
         self.cache.evict(call.key)
-        token = await self.token_for(bearer_token(request.headers), match.route, call)
-        return await self._send(request, url_of(match), headers, token)
+        token = await self.token_for(decision.subject_token, decision.match.route, call)
+        fields = upstream_fields(request.headers, hop, unsafe=unsafe, token=token)
+        return await self._send(request, url, fields)
 
     async def token_for(self, subject_token: str | None, route: Route, call: Call) -> str | None:
         """The zone token for this call, or None when the route forwards token-less calls: the
@@ -266,25 +275,32 @@ class Proxy:
         self.metrics.observe_exchange(zone, outcome, mode, time.monotonic() - started)
 
     async def _send(
-        self, request: web.Request, url: URL, headers: CIMultiDict[str], token: str | None
-    ) -> aiohttp.ClientResponse:
-        """Send the request upstream; the sidecar itself never resends it.
+        self, request: web.Request, url: URL, fields: list[tuple[str, str]]
+    ) -> UpstreamResponse:
+        """Send the request upstream through the lean client (``sidecar.upstream``).
 
-        aiohttp's client resends an idempotent request once, on a fresh connection, when the
-        connection drops before any answer and no body byte was taken from the app (RFC 9112
-        §9.3.1): that covers a stale pooled connection, and aiohttp offers no switch to turn it
-        off. A second retry here would deliver such a request up to four times.
+        A pooled connection the upstream closed before any byte of the answer
+        (``UpstreamClosed(reused=True)``) is the one case resent, once, on a new connection,
+        and only an idempotent request whose body was not streamed (RFC 9112 §9.3.1): the
+        upstream may have closed an idle connection as the request was written. Never more.
         """
+        pool = self.upstream.pool
+        assert pool is not None, "the proxy app is not started"
+        origin, host = _origin(url.scheme, url.raw_host or "", url.port)
+        body = request.content.iter_chunked(CHUNK) if request.body_exists else None
+        method, target, length = request.method, url.raw_path_qs, request.content_length
         try:
-            return await self.session.request(
-                request.method,
-                url,
-                headers=with_authorization(headers, token),
-                data=request.content.iter_chunked(CHUNK) if request.body_exists else None,
-                allow_redirects=False,
-                ssl=self.upstream.ssl,
+            try:
+                return await pool.request(
+                    origin, method, target, fields, body, content_length=length, host=host
+                )
+            except UpstreamClosed as e:
+                if not (e.reused and body is None and method in IDEMPOTENT):
+                    raise
+            return await pool.request(
+                origin, method, target, fields, None, content_length=length, host=host, fresh=True
             )
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (UpstreamError, ValueError) as e:  # ValueError: UnsafeRequest
             raise upstream_failure(e) from e
 
     async def _websocket(
@@ -320,39 +336,53 @@ class Proxy:
         return downstream
 
 
-class _HeadersWithBody(web.StreamResponse):
-    """Headers held back until the first body write (or the end), so that a small answer
-    leaves in one ``send`` instead of two: what aiohttp's own ``web.Response`` does."""
+async def answer(request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+    """The upstream's answer to the app, headers filtered, bytes untouched.
 
-    _send_headers_immediately = False
-
-
-async def stream_back(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Stream the upstream's answer to the app, headers filtered, bytes untouched.
-
-    An answer whose ``Content-Length`` fits in one chunk goes out headers and body together;
-    any other streams as it comes, headers first. The bare aiohttp proxy of the benchmark
-    (``bench/bareproxy.py``) answers through this same function.
+    An answer with a body of at most ``CHUNK`` bytes by its ``Content-Length`` is read whole
+    and returned as a ``web.Response``: headers and body leave in one ``send``, and an
+    upstream that fails before its last byte is still a clean 502. Any other answer (HEAD,
+    204, 304, chunked, large) streams as it comes, headers first, the upstream paused while
+    the app reads slowly.
     """
     async with upstream:
-        small = upstream.content_length is not None and upstream.content_length <= CHUNK
-        response = (_HeadersWithBody if small else web.StreamResponse)(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=end_to_end(upstream.headers),
+        headers = answer_fields(upstream.headers)
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= CHUNK
+            and request.method != "HEAD"
+            and upstream.status not in (204, 304)
+        ):
+            try:
+                body = await upstream.read()
+            except UpstreamError as e:
+                raise upstream_failure(e) from e
+            return web.Response(
+                status=upstream.status, reason=upstream.reason, headers=headers, body=body
+            )
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
         )
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            async for chunk in upstream:
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            # Headers may be gone already: the only honest signal left is a cut connection.
+        except UpstreamError as e:
+            # Headers are gone already: the only honest signal left is a cut connection.
             log.warning("upstream failed mid-response: %s", type(e).__name__)
             if request.transport is not None:
                 request.transport.close()
             return response
         await response.write_eof()
         return response
+
+
+@functools.lru_cache(maxsize=256)  # a sidecar talks to a few upstreams: built once each
+def _origin(scheme: str, host: str, port: int | None) -> tuple[Origin, str]:
+    """The pool's key for an upstream URL and the Host header it is sent with."""
+    origin = Origin(scheme, host, port or (443 if scheme == "https" else 80))
+    return origin, origin.authority
 
 
 async def _ask(exchanger: Exchanger, route: Route, subject_token: str) -> TokenResponse:

@@ -21,6 +21,13 @@ from exchange.errors import (
     TemporarilyUnavailable,
     UnauthorizedClient,
 )
+from sidecar.upstream import (
+    UnsafeRequest,
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 
 DEFAULT_RETRY_AFTER = 2
 CONFIG_REFUSALS = (InvalidTarget, InvalidScope, UnauthorizedClient)
@@ -80,7 +87,18 @@ def connect_refused() -> ProxyError:
 
 
 def upstream_failure(e: Exception) -> ProxyError:
-    """What the app hears when the upstream could not be reached or failed."""
+    """What the app hears when the upstream could not be reached or failed: the lean client's
+    errors (``sidecar.upstream``, every request) and aiohttp's (WebSocket upgrades)."""
+    if isinstance(e, UpstreamTimeout):  # a connect timeout included: 504, as with aiohttp
+        return ProxyError(504, "gateway_timeout", "upstream did not answer in time")
+    if isinstance(e, UpstreamConnectError):
+        return ProxyError(502, "bad_gateway", f"upstream unreachable: {_cause(e)}")
+    if isinstance(e, UpstreamClosed):
+        return ProxyError(502, "bad_gateway", "upstream closed the connection")
+    if isinstance(e, UpstreamProtocolError):
+        return ProxyError(502, "bad_gateway", "upstream sent an answer that is not valid HTTP/1.1")
+    if isinstance(e, UnsafeRequest):
+        return ProxyError(400, "invalid_request", f"request not forwarded: {e}")
     if isinstance(e, aiohttp.ServerDisconnectedError):
         return ProxyError(502, "bad_gateway", "upstream closed the connection")
     if isinstance(e, aiohttp.ClientConnectorError):
@@ -88,6 +106,14 @@ def upstream_failure(e: Exception) -> ProxyError:
     if isinstance(e, TimeoutError):
         return ProxyError(504, "gateway_timeout", "upstream did not answer in time")
     return ProxyError(502, "bad_gateway", f"upstream failed: {type(e).__name__}")
+
+
+def _cause(e: UpstreamConnectError) -> str:
+    """The OS's reason a connection failed (no address or path of ours in it)."""
+    cause = e.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return type(cause).__name__ if cause is not None else "no connection"
 
 
 def no_route(authority: str | None, *, absolute: bool, forwarding: bool) -> ProxyError:

@@ -50,6 +50,7 @@ _TARGET = re.compile(r"[^\x00-\x20\x7f]+")
 _RESERVED = frozenset({"host", "content-length", "transfer-encoding", "connection", "upgrade"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _NAME_CACHE_MAX = 4096
+MAX_HEADERS = 256  # answer header fields, at most
 _names: dict[str, bool] = {}  # header name -> may the caller send it (a bounded cache)
 
 
@@ -288,8 +289,14 @@ class Exchange:
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
+        if len(self.reason) > self.conn.pool.max_field_size:
+            raise UpstreamProtocolError("status line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > self.conn.pool.max_field_size:
+            raise UpstreamProtocolError("answer header field too long")
+        if len(self.headers) >= MAX_HEADERS:
+            raise UpstreamProtocolError(f"more than {MAX_HEADERS} answer header fields")
         lower = name.lower()
         if lower == b"content-length":
             self._lengths.add(value)
@@ -420,13 +427,20 @@ class UpstreamResponse:
     closes it otherwise; ``close()`` always closes it. ``async with`` releases.
     """
 
-    def __init__(self, exchange: Exchange, sender: asyncio.Task[None] | None) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        sender: asyncio.Task[None] | None,
+        slots: tuple[asyncio.Semaphore, ...] = (),
+    ) -> None:
         self._exchange = exchange
         self._sender = sender
+        self._slots = slots
         self.status = exchange.status
         self.reason = exchange.reason.decode("latin-1")
         self.headers = exchange.headers
         self.version = exchange.parser.get_http_version()
+        self.content_length = _length(exchange._lengths)
         self._done = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -461,6 +475,7 @@ class UpstreamResponse:
         if self._sender is not None and not self._sender.done():
             self._sender.cancel()
         exchange.conn.finished(exchange, reusable)
+        _give_back(self._slots)
 
     def close(self) -> None:
         """Done with this answer and its connection."""
@@ -474,6 +489,19 @@ class UpstreamResponse:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def _length(lengths: set[bytes]) -> int | None:
+    """The one Content-Length of an answer (llhttp refused a repeated or malformed one)."""
+    if len(lengths) != 1:
+        return None
+    value = next(iter(lengths)).strip()
+    return int(value) if value.isdigit() else None
+
+
+def _give_back(slots: tuple[asyncio.Semaphore, ...]) -> None:
+    for sem in slots:
+        sem.release()
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -518,13 +546,21 @@ class UpstreamPool:
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
         high_water: int = 256 * 1024,
+        max_busy: int | None = None,
+        max_busy_per_origin: int | None = None,
+        max_field_size: int = 32768,
     ) -> None:
         self.ssl_context = ssl_context
         self.max_idle, self.idle_timeout = max_idle, idle_timeout
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self.high_water = high_water
+        self.max_field_size = max_field_size  # bytes of one answer header field (name + value)
         self._idle: dict[Origin, deque[Connection]] = {}
         self._all: set[Connection] = set()
+        # Requests in flight (a connection each), at most this many; the others wait their turn.
+        self._busy = asyncio.Semaphore(max_busy) if max_busy else None
+        self._max_per_origin = max_busy_per_origin
+        self._busy_per_origin: dict[Origin, asyncio.Semaphore] = {}
 
     async def request(
         self,
@@ -536,13 +572,22 @@ class UpstreamPool:
         *,
         content_length: int | None = None,
         host: str | None = None,
+        fresh: bool = False,
     ) -> UpstreamResponse:
-        """Send one request; return once the answer's head is in (its body streams after)."""
+        """Send one request; return once the answer's head is in (its body streams after).
+
+        ``fresh``: on a new connection, never a pooled one (the one resend RFC 9112 §9.3.1
+        allows after a pooled connection closed before answering)."""
         framing = framing_line(body, content_length)
         head = build_head(method, target, host or origin.authority, headers, framing)
         if isinstance(body, bytes):
             head += body
-        conn = await self.acquire(origin)
+        slots = await self._take_slots(origin)
+        try:
+            conn = await (self.connect(origin) if fresh else self.acquire(origin))
+        except BaseException:
+            _give_back(slots)
+            raise
         exchange = conn.start(head, method)
         sender = None
         if body is not None and not isinstance(body, bytes):
@@ -554,8 +599,27 @@ class UpstreamPool:
             if sender is not None:
                 sender.cancel()
             conn.close()
+            _give_back(slots)
             raise
-        return UpstreamResponse(exchange, sender)
+        return UpstreamResponse(exchange, sender, slots)
+
+    async def _take_slots(self, origin: Origin) -> tuple[asyncio.Semaphore, ...]:
+        """One place among the requests in flight, overall and per origin (waiting if full)."""
+        slots: tuple[asyncio.Semaphore, ...] = ()
+        if self._max_per_origin:
+            sem = self._busy_per_origin.get(origin)
+            if sem is None:
+                sem = self._busy_per_origin[origin] = asyncio.Semaphore(self._max_per_origin)
+            await sem.acquire()
+            slots = (sem,)
+        if self._busy is not None:
+            try:
+                await self._busy.acquire()
+            except BaseException:
+                _give_back(slots)
+                raise
+            slots += (self._busy,)
+        return slots
 
     async def acquire(self, origin: Origin) -> Connection:
         idle = self._idle.get(origin)

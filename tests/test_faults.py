@@ -451,6 +451,13 @@ async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 
 async def cut_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\npartial")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.transport.abort()
+
+
+async def cut_small_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
     await writer.drain()
     await asyncio.sleep(0.05)
@@ -461,10 +468,12 @@ async def test_upstream_slow_resetting_or_garbage_then_healthy(
     op: DevOpenIDProvider, aiohttp_server: ServerFactory, tmp_path: Path
 ) -> None:
     """Upstream resets: 502; answers garbage: 502; never answers: 504 after read_timeout; cuts a
-    body short: the app's connection is cut (no invented status). The sidecar stays healthy:
-    /healthz 200 and a good upstream still served."""
+    small body (read whole before answering) short: 502; cuts a streamed body short: the app's
+    connection is cut (no invented status). The sidecar stays healthy: /healthz 200 and a good
+    upstream still served."""
     servers = {name: RawUpstream(b) for name, b in
-               (("reset", reset), ("garbage", garbage), ("silent", silent), ("cut", cut_body))}  # fmt: skip
+               (("reset", reset), ("garbage", garbage), ("silent", silent), ("cut", cut_body),
+                ("cutsmall", cut_small_body))}  # fmt: skip
     urls = {name: await server.start() for name, server in servers.items()}
     red = Backend("red")
     red_url = str((await aiohttp_server(red.app(), host="127.0.0.1")).make_url("")).rstrip("/")
@@ -483,7 +492,7 @@ async def test_upstream_slow_resetting_or_garbage_then_healthy(
     proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
     headers = {"Authorization": f"Bearer {op.mint()}"}
     expected = {"reset": (502, b"bad_gateway"), "garbage": (502, b"bad_gateway"),
-                "silent": (504, b"gateway_timeout")}  # fmt: skip
+                "silent": (504, b"gateway_timeout"), "cutsmall": (502, b"bad_gateway")}  # fmt: skip
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, str(admin.make_url("/readyz")))

@@ -12,9 +12,11 @@ from sidecar.headers import (
     SPOOFABLE_IDENTITY,
     BadAuthorization,
     Hop,
+    answer_fields,
     bearer_token,
     is_spoofable_identity,
     removed_for_safety,
+    upstream_fields,
     upstream_headers,
     websocket_protocols,
     with_authorization,
@@ -309,3 +311,36 @@ def test_headers_named_for_removal_never_include_authorization() -> None:
         "x_forwarded_user",
     )
     assert removed_for_safety(CIMultiDict([("Accept", "*/*")]), None) == ()
+
+
+def test_answer_fields_drop_hop_by_hop_and_connection_listed_headers() -> None:
+    """The app never gets the upstream's hop-by-hop headers, nor those its Connection names."""
+    raw = [
+        (b"Content-Type", b"text/plain"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"X-Utf8", "é".encode()),
+    ]
+    assert answer_fields(raw) == [
+        ("Content-Type", "text/plain"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("X-Utf8", "é"),
+    ]
+
+
+def test_upstream_fields_append_this_hop_and_put_the_zone_token_last() -> None:
+    """The list the client writes: app headers, the hop's forwarding headers, then the token."""
+    headers = CIMultiDict(
+        [("X-Forwarded-For", "10.0.0.1"), ("Content-Length", "3"), ("A", "1"), ("Via", "1.0 a")]
+    )
+    fields = upstream_fields(headers, HOP, token="zone")
+    assert fields[0] == ("A", "1")
+    assert ("X-Forwarded-For", f"10.0.0.1, {HOP.remote}") in fields
+    assert ("Via", "1.0 a, 1.1 zonegate") in fields
+    assert "Content-Length" not in dict(fields)  # the client frames the body itself
+    assert fields[-1] == ("Authorization", "Bearer zone")
+    assert list(upstream_headers(headers, HOP).items()) == fields[:-1]

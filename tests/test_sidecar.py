@@ -668,19 +668,63 @@ class Aborting:
         writer.transport.abort()
 
 
+@dataclass
+class AnswersOnceThenAborts(Aborting):
+    """An upstream that answers its very first request (keep-alive), then reads every later
+    request whole and resets the connection unanswered."""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not self.deliveries:
+            await reader.readuntil(b"\r\n\r\n")
+            self.deliveries.append("first")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        await super().handle(reader, writer)
+
+
 @pytest.mark.usefixtures("no_crash")
 @pytest.mark.parametrize(
     ("method", "body", "deliveries"),
     [("GET", None, 2), ("PUT", None, 2), ("DELETE", None, 2), ("PUT", b"x", 1), ("POST", None, 1)],
 )
-async def test_a_request_the_upstream_read_is_sent_at_most_twice(
+async def test_a_request_a_pooled_connection_dropped_is_resent_once_if_idempotent(
     op: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
     method: str,
     body: bytes | None,
     deliveries: int,
 ) -> None:
-    """Upstream reads the request and drops the connection: 502, idempotent sent at most twice."""
+    """A kept-alive upstream connection reset before answering: 502, idempotent resent once."""
+    upstream = AnswersOnceThenAborts()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    document = sidecar_document(op, f"http://127.0.0.1:{port}", closed_port_url())
+    config = parse_sidecar_config(document, Path.cwd())
+    proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+    headers = {"Authorization": f"Bearer {op.login('alice')}"}
+    async with server, aiohttp.ClientSession() as session:
+        async with session.get(proxy.make_url("/red/x"), headers=headers) as r:
+            assert (r.status, await r.read()) == (200, b"ok")
+        async with session.request(
+            method, proxy.make_url("/red/x"), data=body, headers=headers
+        ) as r:
+            assert (r.status, await error_of(r)) == (502, "bad_gateway")
+    assert upstream.deliveries == ["first"] + [method] * deliveries
+
+
+@pytest.mark.usefixtures("no_crash")
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("GET", None), ("PUT", None), ("DELETE", None), ("PUT", b"x"), ("POST", None)],
+)
+async def test_a_request_a_new_connection_dropped_is_sent_once(
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    method: str,
+    body: bytes | None,
+) -> None:
+    """Upstream reads the request on a new connection and drops it: 502, never resent."""
+    deliveries = 1
     upstream = Aborting()
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -576,3 +576,57 @@ async def test_https_upstream_with_a_private_ca(tmp_path: Path) -> None:
         finally:
             await good.close()
             await bad.close()
+
+
+async def test_requests_beyond_the_per_origin_limit_wait_their_turn() -> None:
+    """With one request allowed per upstream, a second waits until the first answer is done."""
+    limited = UpstreamPool(connect_timeout=2.0, read_timeout=2.0, max_busy_per_origin=1)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(answering(ok, ok)) as (origin, accepts):
+        first = await limited.request(origin, "GET", "/")
+        second = asyncio.ensure_future(fetch(limited, origin))
+        await asyncio.sleep(0.1)
+        assert not second.done()  # held back, not sent on a second connection
+        assert await first.read() == b"ok"
+        first.release()
+        assert await asyncio.wait_for(second, 2) == (200, b"ok")
+        assert len(accepts) == 1
+    await limited.close()
+
+
+async def test_a_failed_request_gives_its_place_back() -> None:
+    """A refused connection does not use up the limit: later requests still go out."""
+    limited = UpstreamPool(connect_timeout=2.0, read_timeout=2.0, max_busy=1)
+    closed = Origin("http", "127.0.0.1", 1)
+    for _ in range(3):
+        with pytest.raises(UpstreamConnectError):
+            await limited.request(closed, "GET", "/")
+    async with raw_server(answering(b"HTTP/1.1 204 No Content\r\n\r\n")) as (origin, _):
+        assert await asyncio.wait_for(fetch(limited, origin), 2) == (204, b"")
+    await limited.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 40_000 + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 300 + b"Content-Length: 0\r\n\r\n",
+    ],
+    ids=["long field", "too many fields"],
+)
+async def test_oversized_answer_heads_are_refused(pool: UpstreamPool, answer: bytes) -> None:
+    """An answer header over 32 KiB, or more than 256 of them, is a protocol error."""
+    async with raw_server(answering(answer)) as (origin, _):
+        with pytest.raises(UpstreamProtocolError):
+            await pool.request(origin, "GET", "/")
+
+
+async def test_fresh_never_takes_a_pooled_connection(pool: UpstreamPool) -> None:
+    """fresh=True opens a new connection even when an idle one is pooled."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(answering(ok)) as (origin, accepts):
+        assert await fetch(pool, origin) == (200, b"ok")
+        assert pool.idle_count(origin) == 1
+        async with await pool.request(origin, "GET", "/", fresh=True) as r:
+            assert await r.read() == b"ok"
+        assert len(accepts) == 2
