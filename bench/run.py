@@ -41,28 +41,39 @@ def context(size: Size) -> dict[str, Any]:
     }
 
 
-async def measure(size: Size, root: Path, progress: Callable[[str], None]) -> list[Row]:
-    """Every figure, in an order where each leaves the next a clean slate."""
+STEPS: list[tuple[str, Figure]] = [
+    ("cache-hit throughput", figures.throughput),
+    ("added latency", figures.added_latency),
+    ("POST /token throughput", figures.token_throughput),
+    ("cold misses", figures.cold_miss),
+    ("single flight", figures.single_flight),
+    ("start to ready", figures.start_to_ready),
+]
+
+
+async def measure(
+    size: Size, root: Path, progress: Callable[[str], None], only: frozenset[str] = frozenset()
+) -> list[Row]:
+    """Every figure (or those whose step name starts with one of ``only``), in an order where
+    each leaves the next a clean slate."""
     stack = await build_stack(root)
     try:
         idle = {name: stack.procs[name].rss_kib() for name in ("embedded", "remote")}
-        steps: list[tuple[str, Figure]] = [
-            ("cache-hit throughput", figures.throughput),
-            ("added latency", figures.added_latency),
-            ("POST /token throughput", figures.token_throughput),
-            ("cold misses", figures.cold_miss),
-            ("single flight", figures.single_flight),
-            ("start to ready", figures.start_to_ready),
-        ]
         rows: list[Row] = []
-        for name, figure in steps:
-            progress(name)
-            rows += await figure(stack, size)
-        progress("memory")
-        rows += await figures.memory(stack, size, idle)
+        for name, figure in STEPS:
+            if _chosen(name, only):
+                progress(name)
+                rows += await figure(stack, size)
+        if _chosen("memory", only):
+            progress("memory")
+            rows += await figures.memory(stack, size, idle)
         return rows
     finally:
         await stack.close()
+
+
+def _chosen(step: str, only: frozenset[str]) -> bool:
+    return not only or any(step.lower().startswith(prefix) for prefix in only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a smoke run: seconds, not minutes")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--keep", type=Path, help="keep configs and logs in this folder")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="STEP",
+        help="measure only the steps whose name starts with STEP (repeatable), e.g. "
+        "'cache-hit', 'added', 'post', 'cold', 'single', 'start', 'memory'",
+    )
     args = parser.parse_args(argv)
+    only = frozenset(step.lower() for step in args.only)
     ensure_tools()
     size = TINY if args.tiny else FULL
 
@@ -80,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        rows = asyncio.run(measure(size, args.keep, progress))
+        rows = asyncio.run(measure(size, args.keep, progress, only))
     else:
         with tempfile.TemporaryDirectory(prefix="zonegate-bench-") as root:
-            rows = asyncio.run(measure(size, Path(root), progress))
+            rows = asyncio.run(measure(size, Path(root), progress, only))
     info = context(size)
     print(
         f"\nzonegate bench ({info['size']}, {info['date']}, {info['cpus']} CPUs, "
