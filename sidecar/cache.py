@@ -1,7 +1,7 @@
 """The token cache: exchanged tokens by (SHA-256 of the subject token, target, exchange).
 
 * An entry is served until ``min(exchanged exp, subject exp) - expiry_skew`` and never after
-  (``cachetools.TLRUCache`` checks the expiry against the injected clock on every read).
+  (``TimedLRU`` checks the expiry against the injected clock on every read).
 * At most ``max_entries`` entries; the least recently used goes first.
 * Concurrent misses on one key share one exchange (single-flight).
 * Refresh-ahead: a hit past ``refresh_ahead`` of the entry's life (jittered per entry) starts
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from cachetools import TLRUCache
+from typing import Any, Generic, Protocol, TypeVar
 
 from exchange.errors import ExchangeError, InvalidRequest, error_from_code
 from sidecar.config import CacheSettings, Target
@@ -74,6 +75,10 @@ class Entry:
     serve_until: float
     refresh_at: float
 
+    @property
+    def until(self) -> float:
+        return self.serve_until
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -92,23 +97,83 @@ class Refusal:
         return error_from_code(self.error, self.description)
 
 
-class _Store(TLRUCache[CacheKey, Entry]):
-    """A TLRU cache that reports what it drops: LRU evictions and expired entries."""
+class _Timed(Protocol):
+    @property
+    def until(self) -> float: ...
 
-    def __init__(self, maxsize: int, timer: Clock, on_evict: Eviction) -> None:
-        super().__init__(maxsize, ttu=lambda _k, entry, _now: entry.serve_until, timer=timer)
-        self._on_evict = on_evict
 
-    def popitem(self) -> tuple[CacheKey, Entry]:
-        item = super().popitem()
-        self._on_evict("capacity", 1)
-        return item
+V = TypeVar("V", bound=_Timed)
 
-    def expire(self, time: float | None = None) -> list[tuple[CacheKey, Entry]]:
-        expired = super().expire(time)
-        if expired:
-            self._on_evict("expired", len(expired))
-        return expired
+
+class TimedLRU(Generic[V]):
+    """At most ``maxsize`` values, each until its ``until`` on ``clock`` (gone from that moment
+    on), the least recently used dropped first: a hit is one dictionary lookup and a move.
+
+    Expired values are dropped by every insertion and by ``expire`` (a heap of their times),
+    and a read never returns one; ``on_evict`` hears of each drop: ``expired`` or
+    ``capacity``.
+    """
+
+    def __init__(self, maxsize: int, clock: Clock, on_evict: Eviction | None = None) -> None:
+        self.maxsize = maxsize
+        self._clock = clock
+        self._on_evict = on_evict or (lambda reason, count: None)
+        self._data: OrderedDict[CacheKey, V] = OrderedDict()
+        self._expiries: list[tuple[float, int, CacheKey]] = []  # (until, order, key): a heap
+        self._order = itertools.count()
+
+    def get(self, key: CacheKey, now: float) -> V | None:
+        value = self._data.get(key)
+        if value is None:
+            return None
+        if now >= value.until:
+            self.expire(now)
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def __getitem__(self, key: CacheKey) -> V:
+        value = self.get(key, self._clock())
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: CacheKey, value: V) -> None:
+        self.expire()
+        self._data[key] = value
+        self._data.move_to_end(key)
+        heapq.heappush(self._expiries, (value.until, next(self._order), key))
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+            self._on_evict("capacity", 1)
+
+    def pop(self, key: CacheKey) -> V | None:
+        return self._data.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __bool__(self) -> bool:
+        return bool(self._data)
+
+    def items(self) -> Iterator[tuple[CacheKey, V]]:
+        return iter(list(self._data.items()))
+
+    def expire(self, now: float | None = None) -> None:
+        """Drop every value whose time has come."""
+        now = self._clock() if now is None else now
+        heap, data, dropped = self._expiries, self._data, 0
+        while heap and heap[0][0] <= now:
+            _, _, key = heapq.heappop(heap)
+            value = data.get(key)
+            if value is not None and value.until <= now:  # else replaced by a later one
+                del data[key]
+                dropped += 1
+        if len(heap) > 2 * len(data) + 64:  # times of replaced or popped values: rebuild
+            self._expiries = [(v.until, next(self._order), k) for k, v in data.items()]
+            heapq.heapify(self._expiries)
+        if dropped:
+            self._on_evict("expired", dropped)
 
 
 class TokenCache:
@@ -128,10 +193,8 @@ class TokenCache:
         self._on_event = on_event or (lambda result: None)
         self._on_evict = on_evict or (lambda reason, count: None)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
-        self._store = _Store(settings.max_entries, clock, self._on_evict)
-        self._refused: TLRUCache[CacheKey, Refusal] = TLRUCache(
-            settings.max_entries, ttu=lambda _k, v, _now: v.until, timer=clock
-        )
+        self._store: TimedLRU[Entry] = TimedLRU(settings.max_entries, clock, self._on_evict)
+        self._refused: TimedLRU[Refusal] = TimedLRU(settings.max_entries, clock)
         self._flights: dict[CacheKey, asyncio.Future[Issued]] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -141,13 +204,15 @@ class TokenCache:
 
     async def get(self, key: CacheKey, fetch: Fetch) -> str:
         """The token for ``key``: cached, shared with a concurrent miss, or freshly fetched."""
-        refused = self._refused.get(key)
-        if refused is not None:
-            raise refused.again()
-        entry = self._store.get(key)
+        now = self._clock()
+        if self._refused:
+            refused = self._refused.get(key, now)
+            if refused is not None:
+                raise refused.again()
+        entry = self._store.get(key, now)
         if entry is not None:
             self._on_event("hit")
-            if self._clock() >= entry.refresh_at:
+            if now >= entry.refresh_at:
                 self._refresh(key, fetch)
             return entry.access_token
         if key in self._flights:
@@ -164,13 +229,13 @@ class TokenCache:
         entries were kept."""
         old._store.expire()
         kept = dropped = 0
-        for key, entry in list(old._store.items()):
+        for key, entry in old._store.items():
             if still_made(key):
                 self._store[key] = entry
                 kept += 1
             else:
                 dropped += 1
-        for key, refusal in list(old._refused.items()):
+        for key, refusal in old._refused.items():
             if still_made(key):
                 self._refused[key] = refusal
         if dropped:
@@ -179,7 +244,7 @@ class TokenCache:
 
     def evict(self, key: CacheKey) -> None:
         """Drop an entry an upstream refused, so the next request exchanges afresh."""
-        if self._store.pop(key, None) is not None:
+        if self._store.pop(key) is not None:
             self._on_evict("upstream_401", 1)
 
     async def close(self) -> None:
@@ -215,7 +280,7 @@ class TokenCache:
         )
         serve_until = min(exchanged_until, subject_until)
         if serve_until <= now:
-            self._store.pop(key, None)
+            self._store.pop(key)
             return  # usable for this request only
         refresh_at = float("inf")
         if exchanged_until < subject_until:  # a new exchange would outlive this one
