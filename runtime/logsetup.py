@@ -18,14 +18,29 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 _ENCODE = json.JSONEncoder(default=str).encode
 
 
+class Timestamps:
+    """``2026-12-04T21:00:00.123Z`` for a ``time.time()``; ``strftime`` once per second."""
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+    def of(self, created: float) -> str:
+        second = int(created)
+        if self._second[0] != second:
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return f"{self._second[1]}.{int((created - second) * 1000):03d}Z"  # = LogRecord.msecs
+
+
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "msg", ...extra}`` on one line."""
 
-    _second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+    def __init__(self) -> None:
+        super().__init__()
+        self._timestamps = Timestamps()
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": f"{self._timestamp(int(record.created))}.{int(record.msecs):03d}Z",
+            "ts": self._timestamps.of(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -34,12 +49,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             entry["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
         return _ENCODE(entry)
-
-    def _timestamp(self, second: int) -> str:
-        """``strftime`` once per second, not once per line."""
-        if self._second[0] != second:
-            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-        return self._second[1]
 
 
 class LineWriter(logging.StreamHandler[TextIO]):
@@ -61,6 +70,10 @@ class LineWriter(logging.StreamHandler[TextIO]):
         except Exception:
             self.handleError(record)
             return
+        self.add(line)
+
+    def add(self, line: str) -> None:
+        """Queue one formatted line for this loop iteration's write."""
         self._pending.append(line)
         if len(self._pending) == 1:
             try:
@@ -79,6 +92,53 @@ class LineWriter(logging.StreamHandler[TextIO]):
             pass
         finally:
             self.release()
+
+
+class AccessLine:
+    """One access line per request, the bytes ``log.info(msg, extra=fields)`` would write
+    through ``setup_logging``'s handler, without building a ``LogRecord`` for it: a request's
+    line costs a few microseconds instead of the ~10 the logging machinery takes.
+
+    The short cut is taken only when the line would reach that handler alone (the logger and
+    its ancestors have no other handler or filter); otherwise (tests capturing logs, a
+    program's own set-up) the line goes through ``logging`` as any other.
+    """
+
+    def __init__(self, logger: logging.Logger, msg: str) -> None:
+        self._logger, self._msg = logger, msg
+        self._head = f', "level": "info", "logger": {_ENCODE(logger.name)}, "msg": {_ENCODE(msg)}'
+        self._timestamps = Timestamps()
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """Log ``fields`` (JSON-encodable values, never a token) as one INFO line."""
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        writer = _sole_line_writer(logger)
+        if writer is None:
+            logger.info(self._msg, extra=fields)
+            return
+        rest = f", {_ENCODE(fields)[1:]}" if fields else "}"
+        writer.add(f'{{"ts": "{self._timestamps.of(time.time())}"{self._head}{rest}')
+
+
+def _sole_line_writer(logger: logging.Logger) -> LineWriter | None:
+    """The ``LineWriter`` that alone handles ``logger``'s records, if there is one."""
+    node: logging.Logger | None = logger
+    found: LineWriter | None = None
+    while node is not None:
+        if node.filters:
+            return None
+        for handler in node.handlers:
+            if found is not None or type(handler) is not LineWriter or handler.filters:
+                return None
+            if not isinstance(handler.formatter, JsonFormatter):
+                return None
+            found = handler
+        if not node.propagate:
+            break
+        node = node.parent
+    return found
 
 
 class ParseErrorFilter(logging.Filter):

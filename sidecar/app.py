@@ -101,7 +101,7 @@ class Sidecar:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Each request is answered by the proxy in force when it arrived, to its end."""
-        return await self.proxy.middleware(request, handler)
+        return await self.proxy.serve(request)
 
     async def reload(self, path: Path) -> bool:
         """SIGHUP: re-read the config, build routes, exchangers and cache, swap them in at once.

@@ -12,15 +12,12 @@ route is 403, never an open door.
 
 from __future__ import annotations
 
-import logging
 import time
 
 from aiohttp import web
 
 from sidecar.proxy import Call, Proxy
 from sidecar.refusals import ProxyError
-
-log = logging.getLogger("zonegate.sidecar.authz")
 
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
 ALLOWED = "allowed"
@@ -45,18 +42,17 @@ async def check(proxy: Proxy, request: web.Request) -> web.Response:
     except ProxyError as e:
         response, outcome = e.response(), e.error
     proxy.metrics.observe_authz(call.route, outcome)
-    seconds = time.monotonic() - call.started
-    log.info(
-        "authz check",
-        extra={
-            "method": request.method,
-            "route": call.route,
-            "status": response.status,
-            "outcome": outcome,
-            "duration": round(seconds, 6),
-            "subject": call.subject,
-        },
-    )
+    if proxy.authz_access is not None:
+        proxy.authz_access.write(
+            {
+                "method": request.method,
+                "route": call.route,
+                "status": response.status,
+                "outcome": outcome,
+                "duration": round(time.monotonic() - call.started, 6),
+                "subject": call.subject,
+            }
+        )
     return response
 
 

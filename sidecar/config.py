@@ -171,6 +171,7 @@ class SidecarConfig:
     max_header_size: int = 32768
     shutdown_grace: float = 10.0
     listeners: ListenerTimeouts = field(default_factory=ListenerTimeouts)
+    access_log: bool = True  # one JSON line per proxied or checked request
 
     def exchange_for(self, route: Route) -> ExchangeSettings:
         """The exchange serving a route: its own, else the top-level one."""
@@ -218,6 +219,7 @@ def read_sidecar(node: Node) -> SidecarConfig:
         max_header_size=node.integer("max_header_size", 32768, minimum=8190, maximum=1 << 20),
         shutdown_grace=node.number("shutdown_grace", 10.0, maximum=600),
         listeners=read_listener_timeouts(node.child("listeners")),
+        access_log=node.flag("access_log", True),
     )
     _check_upstreams(node, config)
     node.finish()

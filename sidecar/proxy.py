@@ -9,7 +9,6 @@ Every answer the proxy gives itself comes from ``refusals``; WebSockets relay in
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,7 +23,7 @@ from yarl import URL
 from exchange.errors import ExchangeError, InvalidClient, SlowDown, TemporarilyUnavailable
 from exchange.tokens import TokenExchangeRequest, TokenResponse
 from exchange.validate import unverified_claims
-from runtime.logsetup import Throttle
+from runtime.logsetup import AccessLine, Throttle
 from sidecar.cache import CacheKey, Issued, TokenCache
 from sidecar.config import Route, SidecarConfig
 from sidecar.exchanger import Exchanger
@@ -125,19 +124,28 @@ class Proxy:
         self.exchangers = {  # by route name: an identity hashes every setting, once here
             route.name: exchangers[config.exchange_for(route).identity] for route in config.routes
         }
+        self.origins = {  # by route name: where its calls go and the Host they carry
+            route.name: _origin(route.upstream) for route in config.routes if route.upstream
+        }
         self.metrics = metrics
         self.upstream = Upstream()
         self._zones: dict[str, str] = {}  # route name -> zone last issued, for failure labels
         self._throttle = Throttle(WARN_EVERY, time.monotonic)
+        self.access = AccessLine(log, "request") if config.access_log else None
+        self.authz_access = (
+            AccessLine(logging.getLogger("zonegate.sidecar.authz"), "authz check")
+            if config.access_log
+            else None
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
         assert self.upstream.session is not None, "the proxy app is not started"
         return self.upstream.session
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every request, whatever its target form (the router has no say)."""
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request to the proxy listener, whatever its target form (the router has
+        no say): the answer, its metrics and its access line."""
         call = Call()
         try:
             response = await self._handle(request, call)
@@ -150,14 +158,16 @@ class Proxy:
     def _record(self, request: web.Request, call: Call) -> None:
         seconds = time.monotonic() - call.started
         self.metrics.observe_request(call.route, call.status, seconds)
-        entry = {
-            "method": request.method,
-            "route": call.route,
-            "status": call.status,
-            "duration": round(seconds, 6),  # seconds, as every zonegate access line
-            "subject": call.subject,  # a short SHA-256 handle, never the token
-        }
-        log.info("request", extra=entry)
+        if self.access is not None:
+            self.access.write(
+                {
+                    "method": request.method,
+                    "route": call.route,
+                    "status": call.status,
+                    "duration": round(seconds, 6),  # seconds, as every zonegate access line
+                    "subject": call.subject,  # a short SHA-256 handle, never the token
+                }
+            )
 
     async def _handle(self, request: web.Request, call: Call) -> web.StreamResponse:
         if request.method == "CONNECT":
@@ -205,17 +215,16 @@ class Proxy:
     ) -> UpstreamResponse:
         """Send; an upstream 401 on an exchanged token evicts it and resends once with a fresh
         exchange, when the request is safe to send twice (docs/sidecar.md "Upstream 401")."""
-        url = url_of(decision.match)
-        unsafe = decision.unsafe
+        match, unsafe = decision.match, decision.unsafe
         fields = upstream_fields(request.headers, hop, unsafe=unsafe, token=decision.token)
-        response = await self._send(request, url, fields)
+        response = await self._send(request, match, fields)
         if response.status != 401 or call.key is None or not _replayable(request):
             return response
         response.close()
         self.cache.evict(call.key)
         token = await self.token_for(decision.subject_token, decision.match.route, call)
         fields = upstream_fields(request.headers, hop, unsafe=unsafe, token=token)
-        return await self._send(request, url, fields)
+        return await self._send(request, match, fields)
 
     async def token_for(self, subject_token: str | None, route: Route, call: Call) -> str | None:
         """The zone token for this call, or None when the route forwards token-less calls: the
@@ -275,7 +284,7 @@ class Proxy:
         self.metrics.observe_exchange(zone, outcome, mode, time.monotonic() - started)
 
     async def _send(
-        self, request: web.Request, url: URL, fields: list[tuple[str, str]]
+        self, request: web.Request, match: Match, fields: list[tuple[str, str]]
     ) -> UpstreamResponse:
         """Send the request upstream through the lean client (``sidecar.upstream``).
 
@@ -286,9 +295,9 @@ class Proxy:
         """
         pool = self.upstream.pool
         assert pool is not None, "the proxy app is not started"
-        origin, host = _origin(url.scheme, url.raw_host or "", url.port)
+        origin, host = self.origins[match.route.name]
         body = request.content.iter_chunked(CHUNK) if request.body_exists else None
-        method, target, length = request.method, url.raw_path_qs, request.content_length
+        method, target, length = request.method, match.target or "/", request.content_length
         try:
             try:
                 return await pool.request(
@@ -378,10 +387,12 @@ async def answer(request: web.Request, upstream: UpstreamResponse) -> web.Stream
         return response
 
 
-@functools.lru_cache(maxsize=256)  # a sidecar talks to a few upstreams: built once each
-def _origin(scheme: str, host: str, port: int | None) -> tuple[Origin, str]:
+def _origin(upstream: URL) -> tuple[Origin, str]:
     """The pool's key for an upstream URL and the Host header it is sent with."""
-    origin = Origin(scheme, host, port or (443 if scheme == "https" else 80))
+    scheme = upstream.scheme
+    origin = Origin(
+        scheme, upstream.raw_host or "", upstream.port or (443 if scheme == "https" else 80)
+    )
     return origin, origin.authority
 
 

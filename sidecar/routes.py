@@ -46,10 +46,17 @@ _PARAMETER_SEPARATOR = re.compile(r"[&;]")
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """A matched route and the URL to forward to."""
+    """A matched route and the request target to send its upstream."""
 
     route: Route
-    url: URL | None  # None: an authz-only route (no upstream; Envoy or nginx forwards)
+    target: str | None  # encoded path and query; None: an authz-only route (no upstream)
+
+    @property
+    def url(self) -> URL | None:
+        """The whole upstream URL (None: an authz-only route)."""
+        if self.target is None or self.route.upstream is None:
+            return None
+        return URL(str(self.route.upstream.origin()) + self.target, encoded=True)
 
 
 def normalise_path(raw_path: str) -> str:
@@ -153,7 +160,7 @@ class RouteTable:
             rest = prefix_rest(route.path_prefix, path)
             if rest is not None:
                 forwarded = rest if route.strip_prefix else path
-                return Match(route, upstream_url(route, forwarded, query))
+                return Match(route, upstream_target(route, forwarded, query))
         return None
 
 
@@ -188,11 +195,10 @@ def prefix_rest(prefix: str, path: str) -> str | None:
     return None
 
 
-def upstream_url(route: Route, path: str, query: str) -> URL | None:
-    """The upstream URL for a (normalised, maybe stripped) path and the original raw query."""
+def upstream_target(route: Route, path: str, query: str) -> str | None:
+    """The upstream request target for a (normalised, maybe stripped) path and the original
+    raw query: the upstream URL's own path in front."""
     if route.upstream is None:
         return None
     target = route.upstream.raw_path.rstrip("/") + path
-    if query:
-        target += "?" + query
-    return URL(str(route.upstream.origin()) + target, encoded=True)
+    return f"{target}?{query}" if query else target

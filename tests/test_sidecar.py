@@ -1003,3 +1003,31 @@ async def listening_urls(stdout: asyncio.StreamReader) -> dict[str, str]:
         if " listening on " in line:
             listening[line.split()[1]] = line.split()[-1]
     return listening
+
+
+# -- the access line -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+async def test_access_log_switches_the_request_line_only(
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
+    access_log: bool,
+) -> None:
+    """One access line per request (refusals too); ``access_log: false`` drops them."""
+    red = await aiohttp_server(Backend("red").app(), host="127.0.0.1")
+    document = sidecar_document(op, str(red.make_url("")).rstrip("/"), closed_port_url())
+    config = parse_sidecar_config({**document, "access_log": access_log}, Path.cwd())
+    proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+    caplog.set_level(logging.INFO, logger="zonegate.sidecar")
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {op.login('alice')}"}
+        async with session.get(proxy.make_url("/red/x"), headers=headers) as r:
+            assert r.status == 201
+        async with session.get(proxy.make_url("/dead/x"), headers=headers) as r:
+            assert r.status == 502
+    lines = [r for r in caplog.records if r.name == "zonegate.sidecar" and r.msg == "request"]
+    assert [(r.__dict__["route"], r.__dict__["status"]) for r in lines] == (
+        [("red-reverse", 201), ("dead", 502)] if access_log else []
+    )
