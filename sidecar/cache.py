@@ -202,19 +202,27 @@ class TokenCache:
         self._store.expire()
         return len(self._store)
 
-    async def get(self, key: CacheKey, fetch: Fetch) -> str:
-        """The token for ``key``: cached, shared with a concurrent miss, or freshly fetched."""
+    def cached(self, key: CacheKey, fetch: Fetch) -> str | None:
+        """The token for ``key`` if one is cached (a hit, counted), without waiting; None when
+        ``get`` must fetch it. A remembered refusal raises; ``fetch`` serves a refresh-ahead."""
         now = self._clock()
         if self._refused:
             refused = self._refused.get(key, now)
             if refused is not None:
                 raise refused.again()
         entry = self._store.get(key, now)
-        if entry is not None:
-            self._on_event("hit")
-            if now >= entry.refresh_at:
-                self._refresh(key, fetch)
-            return entry.access_token
+        if entry is None:
+            return None
+        self._on_event("hit")
+        if now >= entry.refresh_at:
+            self._refresh(key, fetch)
+        return entry.access_token
+
+    async def get(self, key: CacheKey, fetch: Fetch) -> str:
+        """The token for ``key``: cached, shared with a concurrent miss, or freshly fetched."""
+        token = self.cached(key, fetch)
+        if token is not None:
+            return token
         if key in self._flights:
             self._on_event("coalesced")
             issued = await asyncio.shield(self._flights[key])

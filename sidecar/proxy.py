@@ -9,11 +9,12 @@ Every answer the proxy gives itself comes from ``refusals``; WebSockets relay in
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +25,7 @@ from exchange.errors import ExchangeError, InvalidClient, SlowDown, TemporarilyU
 from exchange.tokens import TokenExchangeRequest, TokenResponse
 from exchange.validate import unverified_claims
 from runtime.logsetup import AccessLine, Throttle
-from sidecar.cache import CacheKey, Issued, TokenCache
+from sidecar.cache import CacheKey, Fetch, Issued, TokenCache
 from sidecar.config import Route, SidecarConfig
 from sidecar.exchanger import Exchanger
 from sidecar.headers import (
@@ -57,6 +58,13 @@ from sidecar.websocket import relay
 log = logging.getLogger("zonegate.sidecar")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+class _Miss(enum.Enum):
+    MISS = "miss"
+
+
+MISS = _Miss.MISS  # no cached zone token: an exchange is due
+Known = str | None | Literal[_Miss.MISS]
 CHUNK = 64 * 1024
 WARN_EVERY = 30.0  # seconds between warnings about one exchange's one kind of failure
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -204,10 +212,12 @@ class Proxy:
         if match is None:
             raise no_route(authority, absolute=absolute, forwarding=forwarding)
         call.route = match.route.name
-        if forwarding and match.url is None:
+        if forwarding and match.target is None:
             raise authz_only_route(match.route.name)
         subject_token = subject_token_of(headers, raw_target)
-        token = await self.token_for(subject_token, match.route, call)
+        token = self.known_token(subject_token, match.route, call)
+        if token is MISS:
+            token = await self.exchanged_token(subject_token, match.route, call)
         return Decision(match, subject_token, token, removed_for_safety(headers, subject_token))
 
     async def _send_replaying_401(
@@ -229,6 +239,14 @@ class Proxy:
     async def token_for(self, subject_token: str | None, route: Route, call: Call) -> str | None:
         """The zone token for this call, or None when the route forwards token-less calls: the
         part of ``decide`` that a replay after an upstream 401 asks again."""
+        token = self.known_token(subject_token, route, call)
+        if token is MISS:
+            return await self.exchanged_token(subject_token, route, call)
+        return token
+
+    def known_token(self, subject_token: str | None, route: Route, call: Call) -> Known:
+        """``token_for`` without waiting: the cached zone token, None for a token-less call a
+        route forwards, or MISS (an exchange is due). A refusal raises ``ProxyError``."""
         if subject_token is None:
             if route.missing_token == "forward":
                 return None
@@ -239,14 +257,27 @@ class Proxy:
                 {"WWW-Authenticate": 'Bearer realm="zonegate"'},
             )
         exchanger = self.exchangers[route.name]
-        call.key = CacheKey.of(subject_token, route.target, exchanger.identity)
-        call.subject = call.key.subject_sha256[:12]  # = subject_hash(token), without a 2nd SHA-256
+        call.key = key = CacheKey.of(subject_token, route.target, exchanger.identity)
+        call.subject = key.subject_sha256[:12]  # = subject_hash(token), without a 2nd SHA-256
         try:
-            return await self.cache.get(
-                call.key, lambda: self._exchange(exchanger, route, subject_token)
-            )
+            token = self.cache.cached(key, self._fetch(route, subject_token))
         except ExchangeError as e:
             raise exchange_refusal(e) from e
+        return MISS if token is None else token
+
+    async def exchanged_token(self, subject_token: str | None, route: Route, call: Call) -> str:
+        """The zone token after a ``known_token`` MISS: one exchange shared by concurrent
+        misses (``TokenCache.get``)."""
+        assert subject_token is not None and call.key is not None, "known_token comes first"
+        try:
+            return await self.cache.get(call.key, self._fetch(route, subject_token))
+        except ExchangeError as e:
+            raise exchange_refusal(e) from e
+
+    def _fetch(self, route: Route, subject_token: str) -> Fetch:
+        """The exchange a miss (or a refresh-ahead) of this route and subject makes."""
+        exchanger = self.exchangers[route.name]
+        return lambda: self._exchange(exchanger, route, subject_token)
 
     async def _exchange(self, exchanger: Exchanger, route: Route, subject_token: str) -> Issued:
         """One exchange for a cache miss, measured; its zone labels the route's later failures."""
@@ -354,7 +385,7 @@ async def answer(request: web.Request, upstream: UpstreamResponse) -> web.Stream
     204, 304, chunked, large) streams as it comes, headers first, the upstream paused while
     the app reads slowly.
     """
-    async with upstream:
+    try:
         headers = answer_fields(upstream.headers)
         length = upstream.content_length
         if (
@@ -385,6 +416,8 @@ async def answer(request: web.Request, upstream: UpstreamResponse) -> web.Stream
             return response
         await response.write_eof()
         return response
+    finally:
+        upstream.release()
 
 
 def _origin(upstream: URL) -> tuple[Origin, str]:

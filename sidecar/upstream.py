@@ -431,7 +431,7 @@ class UpstreamResponse:
         self,
         exchange: Exchange,
         sender: asyncio.Task[None] | None,
-        slots: tuple[asyncio.Semaphore, ...] = (),
+        slots: tuple[Slots, ...] = (),
     ) -> None:
         self._exchange = exchange
         self._sender = sender
@@ -458,6 +458,12 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (for small answers; stream big ones with ``async for``)."""
+        exchange = self._exchange
+        if exchange.complete and not exchange.paused:  # all in already: no wait
+            body = b"".join(exchange.chunks)
+            exchange.chunks.clear()
+            exchange.buffered = 0
+            return body
         return b"".join([chunk async for chunk in self])
 
     @property
@@ -499,9 +505,9 @@ def _length(lengths: set[bytes]) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _give_back(slots: tuple[asyncio.Semaphore, ...]) -> None:
-    for sem in slots:
-        sem.release()
+def _give_back(slots: tuple[Slots, ...]) -> None:
+    for slot in slots:
+        slot.give()
 
 
 # -- request bodies -------------------------------------------------------------------------------
@@ -534,6 +540,43 @@ async def send_body(conn: Connection, body: AsyncIterable[bytes], length: int | 
 # -- the pool -------------------------------------------------------------------------------------
 
 
+class Slots:
+    """At most ``limit`` holders at once; the others wait their turn, first come first served.
+    ``take_now`` is the wait-free path (a free slot and nobody waiting)."""
+
+    def __init__(self, limit: int) -> None:
+        self.free = limit
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take_now(self) -> bool:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.take_now():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot just as the wait was cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes to the waiter, free stays as it is
+                return
+        self.free += 1
+
+
 class UpstreamPool:
     """Keep-alive connections per origin, and the one entry point: :meth:`request`."""
 
@@ -558,9 +601,9 @@ class UpstreamPool:
         self._idle: dict[Origin, deque[Connection]] = {}
         self._all: set[Connection] = set()
         # Requests in flight (a connection each), at most this many; the others wait their turn.
-        self._busy = asyncio.Semaphore(max_busy) if max_busy else None
+        self._busy = Slots(max_busy) if max_busy else None
         self._max_per_origin = max_busy_per_origin
-        self._busy_per_origin: dict[Origin, asyncio.Semaphore] = {}
+        self._busy_per_origin: dict[Origin, Slots] = {}
 
     async def request(
         self,
@@ -582,7 +625,9 @@ class UpstreamPool:
         head = build_head(method, target, host or origin.authority, headers, framing)
         if isinstance(body, bytes):
             head += body
-        slots = await self._take_slots(origin)
+        slots = self._slots_now(origin)
+        if slots is None:
+            slots = await self._take_slots(origin)
         try:
             conn = await (self.connect(origin) if fresh else self.acquire(origin))
         except BaseException:
@@ -603,18 +648,33 @@ class UpstreamPool:
             raise
         return UpstreamResponse(exchange, sender, slots)
 
-    async def _take_slots(self, origin: Origin) -> tuple[asyncio.Semaphore, ...]:
-        """One place among the requests in flight, overall and per origin (waiting if full)."""
-        slots: tuple[asyncio.Semaphore, ...] = ()
+    def _slots_now(self, origin: Origin) -> tuple[Slots, ...] | None:
+        """``_take_slots`` when no wait is needed (the common case); None otherwise."""
+        slots: tuple[Slots, ...] = ()
         if self._max_per_origin:
-            sem = self._busy_per_origin.get(origin)
-            if sem is None:
-                sem = self._busy_per_origin[origin] = asyncio.Semaphore(self._max_per_origin)
-            await sem.acquire()
-            slots = (sem,)
+            per_origin = self._busy_per_origin.get(origin)
+            if per_origin is None or not per_origin.take_now():
+                return None
+            slots = (per_origin,)
+        if self._busy is not None:
+            if not self._busy.take_now():
+                _give_back(slots)
+                return None
+            slots += (self._busy,)
+        return slots
+
+    async def _take_slots(self, origin: Origin) -> tuple[Slots, ...]:
+        """One place among the requests in flight, overall and per origin (waiting if full)."""
+        slots: tuple[Slots, ...] = ()
+        if self._max_per_origin:
+            per_origin = self._busy_per_origin.get(origin)
+            if per_origin is None:
+                per_origin = self._busy_per_origin[origin] = Slots(self._max_per_origin)
+            await per_origin.take()
+            slots = (per_origin,)
         if self._busy is not None:
             try:
-                await self._busy.acquire()
+                await self._busy.take()
             except BaseException:
                 _give_back(slots)
                 raise

@@ -630,3 +630,49 @@ async def test_fresh_never_takes_a_pooled_connection(pool: UpstreamPool) -> None
         async with await pool.request(origin, "GET", "/", fresh=True) as r:
             assert await r.read() == b"ok"
         assert len(accepts) == 2
+
+
+# -- how many requests at once --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limits", [{"max_busy": 2}, {"max_busy_per_origin": 2}])
+async def test_requests_in_flight_are_bounded_and_a_cancelled_wait_keeps_no_slot(
+    limits: dict[str, int],
+) -> None:
+    """With two slots, six concurrent requests reach the upstream at most two at a time,
+    in order; a request cancelled while waiting for a slot neither takes one nor loses one."""
+    in_flight, most, release = 0, 0, asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await release.wait()
+        in_flight -= 1
+        return web.Response(text=request.path)
+
+    app = web.Application()
+    app.router.add_get("/{n}", handler)
+    pool = UpstreamPool(connect_timeout=2.0, read_timeout=5.0, **limits)
+    async with app_server(app) as origin:
+
+        async def get(n: int) -> bytes:
+            async with await pool.request(origin, "GET", f"/{n}") as r:
+                return await r.read()
+
+        tasks = [asyncio.ensure_future(get(n)) for n in range(6)]
+        await asyncio.sleep(0.2)
+        assert (in_flight, most) == (2, 2)
+        tasks[3].cancel()  # waiting for a slot
+        release.set()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[3], asyncio.CancelledError)
+        assert [d for i, d in enumerate(done) if i != 3] == [b"/0", b"/1", b"/2", b"/4", b"/5"]
+        assert most == 2
+        release.clear()
+        again = [asyncio.ensure_future(get(n)) for n in range(2)]
+        await asyncio.sleep(0.2)
+        assert in_flight == 2  # both slots are free again
+        release.set()
+        assert await asyncio.gather(*again) == [b"/0", b"/1"]
+    await pool.close()
