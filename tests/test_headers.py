@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from sidecar.headers import (
@@ -238,6 +240,25 @@ def test_every_header_holding_the_subject_token_is_dropped() -> None:
 def test_bearer_token_reads_one_rfc6750_credential(values: list[str], token: str | None) -> None:
     """RFC 6750 §2.1 syntax, exactly one Authorization header; none at all is no token."""
     assert bearer_token(CIMultiDict(("Authorization", v) for v in values)) == token
+
+
+RFC6750_CREDENTIAL = re.compile(r"^Bearer +([A-Za-z0-9\-._~+/]+=*) *$", re.IGNORECASE)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.text(alphabet="Bb earR=+/-._~aZ09\t\n%\x00é", max_size=24)
+    | st.builds(lambda t, tail: f"Bearer {t}{tail}", st.text("aZ09-._~+/=", min_size=1), st.text(" =x\t", max_size=3))
+)  # fmt: skip
+def test_bearer_token_is_exactly_rfc6750_credential_syntax(value: str) -> None:
+    """The fast path for the usual spelling answers what the RFC 6750 §2.1 grammar does."""
+    m = RFC6750_CREDENTIAL.match(value)
+    try:
+        token = bearer_token(CIMultiDict([("Authorization", value)]))
+    except BadAuthorization:
+        assert m is None
+    else:
+        assert m is not None and token == m.group(1)
 
 
 @pytest.mark.parametrize(
