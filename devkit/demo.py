@@ -29,7 +29,8 @@ from exchange.config import parse_exchange_config
 from exchange.server.app import create_app
 from exchange.tokens import TokenExchangeRequest
 from runtime.logsetup import setup_logging
-from sidecar.app import SIDECAR, Sidecar, build_sidecar
+from runtime.serving import HandlerRunner, RawHandler
+from sidecar.app import SIDECAR, Sidecar, build_sidecar, proxy_handler, proxy_server_args
 from sidecar.config import parse_sidecar_config
 
 # Fixed ports for the interactive demo (so the printed curl commands work); --once uses free ones.
@@ -53,7 +54,7 @@ class Stack:
     red: ZoneBackend
     green: ZoneBackend
     remote: bool
-    runners: list[web.AppRunner] = field(default_factory=list)
+    runners: list[web.BaseRunner] = field(default_factory=list)
     sidecar: Sidecar | None = None
 
     @property
@@ -133,8 +134,20 @@ def sidecar_document(stack: Stack, core: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def start(app: web.Application, sock: socket.socket, runners: list[web.AppRunner]) -> None:
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
+async def start(
+    app: web.Application,
+    sock: socket.socket,
+    runners: list[web.BaseRunner],
+    handler: RawHandler | None = None,
+) -> None:
+    """Serve ``app`` on ``sock`` (with a ``handler``: that handler on the low-level server,
+    ``app`` giving its lifecycle, as the programs serve their proxy listeners)."""
+    settings: dict[str, Any] = {"handle_signals": False, "shutdown_timeout": 2.0}
+    runner = (
+        web.AppRunner(app, **settings)
+        if handler is None
+        else HandlerRunner(app, handler, **settings, **proxy_server_args(app[SIDECAR].config))
+    )
     await runner.setup()
     await web.SockSite(runner, sock).start()
     runners.append(runner)
@@ -165,7 +178,7 @@ async def build_stack(remote: bool, fixed_ports: bool) -> Stack:
     )
     stack.sidecar = proxy_app[SIDECAR]
     await start(admin_app, socks.pop("admin"), stack.runners)
-    await start(proxy_app, socks.pop("sidecar"), stack.runners)
+    await start(proxy_app, socks.pop("sidecar"), stack.runners, proxy_handler(proxy_app))
     await start(stack.red.app(), socks.pop("red"), stack.runners)
     await start(stack.green.app(), socks.pop("green"), stack.runners)
     return stack

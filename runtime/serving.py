@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +26,14 @@ DRAIN_POLL = 0.05  # seconds between looks at the connections still busy while d
 LAST_CUT = 0.1  # seconds aiohttp's own shutdown may add, per phase, once the grace is over
 
 
+RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """One app on one address."""
+    """One app on one address. With a ``handler``, that handler answers every request on
+    aiohttp's low-level server (``HandlerRunner``) and ``app`` gives only its lifecycle and
+    state; ``server_args`` are that server's settings (an app's own are its ``handler_args``)."""
 
     name: str
     app: web.Application
@@ -36,6 +41,42 @@ class Listener:
     port: int
     ssl_context: object | None = None
     timeouts: ListenerTimeouts = field(default_factory=ListenerTimeouts)  # see clienttimeouts
+    handler: RawHandler | None = None
+    server_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+class HandlerRunner(web.BaseRunner):
+    """One handler on aiohttp's low-level ``web.Server``: no router, no middlewares, no
+    per-app ``Request``, the least aiohttp does per request (a proxy's hot path). ``app``
+    still gives what an Application gives besides: its state and its lifecycle (startup,
+    ``cleanup_ctx``, cleanup), run as ``web.AppRunner`` runs them."""
+
+    def __init__(self, app: web.Application, handler: RawHandler, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.app, self._handler = app, handler
+
+    async def shutdown(self) -> None:
+        await self.app.shutdown()
+
+    async def _make_server(self) -> web.Server:
+        self.app.on_startup.freeze()
+        await self.app.startup()
+        self.app.freeze()
+        return web.Server(self._handler, **self._kwargs)
+
+    async def _cleanup_server(self) -> None:
+        await self.app.cleanup()
+
+
+def runner_for(listener: Listener, draining: Draining) -> web.BaseRunner:
+    """The runner of one listener: its app's, or its handler's on the low-level server."""
+    settings: dict[str, Any] = {"shutdown_timeout": LAST_CUT, "handle_signals": False}
+    settings |= server_settings(listener.timeouts)
+    if listener.handler is None:
+        draining.attach(listener.app)
+        return web.AppRunner(listener.app, **settings)
+    handler = draining.wrap(listener.handler)
+    return HandlerRunner(listener.app, handler, **settings, **listener.server_args)
 
 
 async def serve(
@@ -55,17 +96,11 @@ async def serve(
         hup = on_hup
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(hup()))
     draining = Draining()
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
     bound: list[tuple[str, str, int]] = []
     try:
         for listener in listeners:
-            draining.attach(listener.app)
-            runner = web.AppRunner(
-                listener.app,
-                shutdown_timeout=LAST_CUT,
-                handle_signals=False,
-                **server_settings(listener.timeouts),
-            )
+            runner = runner_for(listener, draining)
             await runner.setup()
             runners.append(runner)  # cleaned up even if binding fails (its sessions close)
             limit_slow_clients(runner, listener.timeouts)
@@ -112,13 +147,30 @@ class Draining:
         if not app.frozen:
             app.on_response_prepare.append(self._on_prepare)
 
+    def wrap(self, handler: RawHandler) -> RawHandler:
+        """The same for a low-level handler's answers (the low-level server has no signal): an
+        answer it streamed itself, prepared before the drain began, still ends the
+        connection after it, without the header."""
+
+        async def answer(request: web.BaseRequest) -> web.StreamResponse:
+            response = await handler(request)
+            if self.started and not response.prepared:
+                _closing(response)
+            return response
+
+        return answer
+
     async def _on_prepare(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         if self.started:
-            response.force_close()  # the connection closes after this answer
-            response.headers["Connection"] = "close"  # (aiohttp may have set its headers already)
+            _closing(response)
 
 
-async def drain(runners: Sequence[web.AppRunner], grace: float) -> None:
+def _closing(response: web.StreamResponse) -> None:
+    response.force_close()  # the connection closes after this answer
+    response.headers["Connection"] = "close"  # (aiohttp may have set its headers already)
+
+
+async def drain(runners: Sequence[web.BaseRunner], grace: float) -> None:
     """Stop accepting on every listener, close idle connections, and give the requests in
     flight on all of them one ``grace`` together; return as soon as none is left. (aiohttp's
     own shutdown waits per app, and twice per connection: for the handler, then again after
@@ -137,7 +189,7 @@ async def drain(runners: Sequence[web.AppRunner], grace: float) -> None:
         await asyncio.sleep(DRAIN_POLL)
 
 
-def _close_idle(runner: web.AppRunner) -> bool:
+def _close_idle(runner: web.BaseRunner) -> bool:
     """Close every connection of ``runner`` that has no request in flight or queued (a busy one
     closes after its answer); True while a busy one is left. Checked again on every poll: a
     request that arrived just before its connection was told to close is still answered."""
@@ -161,12 +213,12 @@ def _in_flight(connection: object) -> bool:
     return bool(handling) or queued is None or len(queued) > 0
 
 
-async def _cleanup(runner: web.AppRunner) -> None:
+async def _cleanup(runner: web.BaseRunner) -> None:
     with contextlib.suppress(Exception):
         await runner.cleanup()
 
 
-def _bound_port(runner: web.AppRunner) -> int:
+def _bound_port(runner: web.BaseRunner) -> int:
     for addr in runner.addresses:
         if isinstance(addr, tuple) and len(addr) >= 2:
             return int(addr[1])

@@ -32,13 +32,13 @@ from runtime.configload import ConfigError
 from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
 from runtime.retry import Backoff, retrying
-from runtime.serving import Listener, run, serve
+from runtime.serving import Listener, RawHandler, run, serve
 from sidecar.authz import check
 from sidecar.cache import Clock, TokenCache
 from sidecar.config import SidecarConfig, load_sidecar_config
 from sidecar.exchanger import EmbeddedExchanger, Exchanger, build_exchanger
 from sidecar.metrics import SidecarMetrics
-from sidecar.proxy import Handler, Proxy, Upstream
+from sidecar.proxy import Proxy, Upstream
 from sidecar.upstream import UpstreamPool
 
 log = logging.getLogger("zonegate.sidecar")
@@ -98,10 +98,15 @@ class Sidecar:
         self._reaching: set[asyncio.Future[None]] = set()  # optional exchanges not reached yet
         self._reached: set[str] = set()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Each request is answered by the proxy in force when it arrived, to its end."""
+    async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The proxy listener's handler: each request is answered by the proxy in force when
+        it arrived, to its end."""
         return await self.proxy.serve(request)
+
+    async def check(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The authz listener's handler: every request is a check, answered by the proxy
+        generation in force when it arrived (``sidecar.authz``)."""
+        return await check(self.proxy, request)
 
     async def reload(self, path: Path) -> bool:
         """SIGHUP: re-read the config, build routes, exchangers and cache, swap them in at once.
@@ -312,10 +317,6 @@ def _admin_lifecycle(sidecar: Sidecar) -> Callable[[web.Application], AsyncItera
     return lifecycle
 
 
-async def _unreachable(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPNotFound()  # the proxy middleware never calls its handler
-
-
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
     return liveness()
@@ -361,17 +362,15 @@ def build_sidecar(
     clock: Clock = time.time,
     exchangers: dict[str, Exchanger] | None = None,
 ) -> tuple[web.Application, web.Application]:
-    """The proxy app and the admin app of one sidecar, ready to be served (or test-served)."""
+    """The proxy app and the admin app of one sidecar, ready to be served (or test-served).
+
+    The proxy app holds the sidecar (``SIDECAR``) and its lifecycle; its requests are all
+    answered by ``proxy_handler`` on aiohttp's low-level server (``runtime.serving``'s
+    ``HandlerRunner``): whatever their target form, without a router or middlewares."""
     quiet_parse_errors()  # an unparsable request's bytes (its token) never reach the logs
     sidecar = Sidecar(config, clock=clock, exchangers=exchangers)
-    proxy_app = web.Application(
-        middlewares=[sidecar.middleware], handler_args=proxy_server_args(config)
-    )
+    proxy_app = web.Application()
     proxy_app[SIDECAR] = sidecar
-    # The middleware answers every request. This catch-all route only spares aiohttp a 404
-    # match (an HTTPNotFound built, raised and collected per request) and lets it cache the
-    # middleware chain: about 7% of a cache hit's CPU (docs/benchmarks.md).
-    proxy_app.router.add_route("*", "/{tail:.*}", _unreachable)
     proxy_app.cleanup_ctx.append(_proxy_lifecycle(sidecar))
 
     admin_app = web.Application()
@@ -389,17 +388,25 @@ def build_sidecar(
     return proxy_app, admin_app
 
 
-def build_authz_app(sidecar: Sidecar) -> web.Application:
-    """The authz listener's app (``authz_listen``): every request is a check, answered by the
-    proxy generation in force when it arrived (``sidecar.authz``)."""
+def proxy_handler(app: web.Application) -> RawHandler:
+    """What answers every request of the proxy listener: the sidecar's ``serve``."""
+    return app[SIDECAR].serve
 
-    async def answer(request: web.Request) -> web.StreamResponse:
-        return await check(sidecar.proxy, request)
 
-    app = web.Application(handler_args=proxy_server_args(sidecar.config))
+def authz_listener(sidecar: Sidecar, host: str, port: int) -> Listener:
+    """The authz listener (``authz_listen``): every request is a check (``Sidecar.check``),
+    on the low-level server like the proxy listener; it has no lifecycle of its own."""
+    app = web.Application()
     app[SIDECAR] = sidecar
-    app.router.add_route("*", "/{tail:.*}", answer)
-    return app
+    return Listener(
+        "authz",
+        app,
+        host,
+        port,
+        timeouts=sidecar.config.listeners,
+        handler=sidecar.check,
+        server_args=proxy_server_args(sidecar.config),
+    )
 
 
 async def serve_sidecar(config: SidecarConfig, config_path: Path | None = None) -> int:
@@ -413,12 +420,18 @@ async def serve_sidecar(config: SidecarConfig, config_path: Path | None = None) 
             await sidecar.reload(config_path)
 
     listeners = [
-        Listener("sidecar", proxy_app, *config.listen, timeouts=config.listeners),
+        Listener(
+            "sidecar",
+            proxy_app,
+            *config.listen,
+            timeouts=config.listeners,
+            handler=proxy_handler(proxy_app),
+            server_args=proxy_server_args(config),
+        ),
         Listener("admin", admin_app, *config.admin_listen, timeouts=config.listeners),
     ]
     if config.authz_listen is not None:
-        authz = build_authz_app(sidecar)
-        listeners.append(Listener("authz", authz, *config.authz_listen, timeouts=config.listeners))
+        listeners.append(authz_listener(sidecar, *config.authz_listen))
     return await serve(
         listeners,
         grace=config.shutdown_grace,

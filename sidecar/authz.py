@@ -33,7 +33,7 @@ def original_target(raw_path: str, path_prefix: str) -> str | None:
     return rest if rest.startswith("/") else "/" + rest
 
 
-async def check(proxy: Proxy, request: web.Request) -> web.Response:
+async def check(proxy: Proxy, request: web.BaseRequest) -> web.Response:
     """Answer one check request with the proxy in force when it arrived."""
     call = Call()
     try:
@@ -56,7 +56,7 @@ async def check(proxy: Proxy, request: web.Request) -> web.Response:
     return response
 
 
-async def _allow(proxy: Proxy, request: web.Request, call: Call) -> web.Response:
+async def _allow(proxy: Proxy, request: web.BaseRequest, call: Call) -> web.Response:
     target = original_target(request.raw_path, proxy.config.authz.path_prefix)
     if target is None:
         raise ProxyError(403, "access_denied", "not a check request: the path_prefix is missing")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,7 +56,6 @@ from sidecar.upstream import Origin, UpstreamClosed, UpstreamError, UpstreamPool
 from sidecar.websocket import relay
 
 log = logging.getLogger("zonegate.sidecar")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _Miss(enum.Enum):
@@ -151,7 +150,7 @@ class Proxy:
         assert self.upstream.session is not None, "the proxy app is not started"
         return self.upstream.session
 
-    async def serve(self, request: web.Request) -> web.StreamResponse:
+    async def serve(self, request: web.BaseRequest) -> web.StreamResponse:
         """Answer one request to the proxy listener, whatever its target form (the router has
         no say): the answer, its metrics and its access line."""
         call = Call()
@@ -163,7 +162,7 @@ class Proxy:
         self._record(request, call)
         return response
 
-    def _record(self, request: web.Request, call: Call) -> None:
+    def _record(self, request: web.BaseRequest, call: Call) -> None:
         seconds = time.monotonic() - call.started
         self.metrics.observe_request(call.route, call.status, seconds)
         if self.access is not None:
@@ -177,7 +176,7 @@ class Proxy:
                 }
             )
 
-    async def _handle(self, request: web.Request, call: Call) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest, call: Call) -> web.StreamResponse:
         if request.method == "CONNECT":
             raise connect_refused()
         authority, raw_target, absolute = _target(request)
@@ -221,7 +220,7 @@ class Proxy:
         return Decision(match, subject_token, token, removed_for_safety(headers, subject_token))
 
     async def _send_replaying_401(
-        self, request: web.Request, decision: Decision, hop: Hop, call: Call
+        self, request: web.BaseRequest, decision: Decision, hop: Hop, call: Call
     ) -> UpstreamResponse:
         """Send; an upstream 401 on an exchanged token evicts it and resends once with a fresh
         exchange, when the request is safe to send twice (docs/sidecar.md "Upstream 401")."""
@@ -315,7 +314,7 @@ class Proxy:
         self.metrics.observe_exchange(zone, outcome, mode, time.monotonic() - started)
 
     async def _send(
-        self, request: web.Request, match: Match, fields: list[tuple[str, str]]
+        self, request: web.BaseRequest, match: Match, fields: list[tuple[str, str]]
     ) -> UpstreamResponse:
         """Send the request upstream through the lean client (``sidecar.upstream``).
 
@@ -345,7 +344,7 @@ class Proxy:
 
     async def _websocket(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         match: Match,
         headers: CIMultiDict[str],
         token: str | None,
@@ -376,7 +375,7 @@ class Proxy:
         return downstream
 
 
-async def answer(request: web.Request, upstream: UpstreamResponse) -> web.StreamResponse:
+async def answer(request: web.BaseRequest, upstream: UpstreamResponse) -> web.StreamResponse:
     """The upstream's answer to the app, headers filtered, bytes untouched.
 
     An answer with a body of at most ``CHUNK`` bytes by its ``Content-Length`` is read whole
@@ -475,7 +474,7 @@ def url_of(match: Match) -> URL:
     return match.url
 
 
-def _target(request: web.Request) -> tuple[str | None, str, bool]:
+def _target(request: web.BaseRequest) -> tuple[str | None, str, bool]:
     """(authority, origin-form target, absolute?) of a request to the proxy listener."""
     raw_target = request.raw_path
     if raw_target.startswith("/"):
@@ -506,15 +505,15 @@ def subject_token_of(headers: Headers, raw_target: str) -> str | None:
     return subject_token
 
 
-def _hop(request: web.Request, original_host: str | None) -> Hop:
+def _hop(request: web.BaseRequest, original_host: str | None) -> Hop:
     version = f"{request.version.major}.{request.version.minor}"
     return Hop(request.remote, request.scheme, version, original_host)
 
 
-def _is_websocket(request: web.Request) -> bool:
+def _is_websocket(request: web.BaseRequest) -> bool:
     return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
-def _replayable(request: web.Request) -> bool:
+def _replayable(request: web.BaseRequest) -> bool:
     """Idempotent and without a body: safe to send twice (RFC 9110 §9.2.2)."""
     return request.method in IDEMPOTENT and not request.body_exists

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestServer
 
 from devkit.provider import DevOpenIDProvider
 from exchange.config import ExchangeConfig, parse_exchange_config
 from exchange.core import ExchangeCore
 from exchange.server.wiring import build_core
+from runtime.serving import HandlerRunner, RawHandler
+from sidecar.app import SIDECAR, proxy_handler, proxy_server_args
 
 NOW = 1_900_000_000.0  # a fixed clock for pure tests
 ServerFactory = Callable[..., Any]
@@ -89,3 +92,33 @@ def now() -> float:
 
 
 # -- the secrets scan: every log line and every metric of the whole session ---------------------
+
+
+class HandlerTestServer(BaseTestServer):
+    """A handler served as ``zonegate`` serves its proxy and authz listeners: on aiohttp's
+    low-level server, with ``app``'s lifecycle around it (``runtime.serving.HandlerRunner``)."""
+
+    def __init__(self, app: web.Application, handler: RawHandler, **kwargs: Any) -> None:
+        super().__init__(host="127.0.0.1", **kwargs)
+        self.app, self._handler = app, handler
+
+    async def _make_runner(self, **kwargs: Any) -> HandlerRunner:
+        return HandlerRunner(self.app, self._handler, **kwargs)
+
+
+@pytest.fixture
+async def proxy_server() -> AsyncIterator[Callable[..., Any]]:
+    """``await proxy_server(proxy_app)``: serve a sidecar's proxy listener (``build_sidecar``)
+    on 127.0.0.1 as ``zonegate sidecar`` does; ``proxy_server(app, handler)`` serves another
+    low-level handler (the authz listener's) with ``app``'s lifecycle."""
+    servers: list[HandlerTestServer] = []
+
+    async def serve(app: web.Application, handler: RawHandler | None = None) -> HandlerTestServer:
+        server = HandlerTestServer(app, handler or proxy_handler(app))
+        await server.start_server(**proxy_server_args(app[SIDECAR].config))
+        servers.append(server)
+        return server
+
+    yield serve
+    for server in reversed(servers):
+        await server.close()

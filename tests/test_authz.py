@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from devkit.provider import DevOpenIDProvider
-from sidecar.app import build_authz_app
+from sidecar.app import authz_listener
 from sidecar.config import parse_sidecar_config
 from sidecar.exchanger import EmbeddedExchanger, build_exchanger
 from tests.test_sidecar import (
@@ -55,6 +55,7 @@ class Authz:
 async def start_authz(
     op: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
     session: aiohttp.ClientSession,
     extra_routes: Sequence[dict[str, Any]] = (),
 ) -> Authz:
@@ -78,8 +79,9 @@ async def start_authz(
         settings = config.exchange_for(route)
         if settings.identity not in exchangers:
             exchangers[settings.identity] = build_exchanger(settings)
-    proxy, admin, sidecar = await start_sidecar(config, aiohttp_server, exchangers)
-    server = await aiohttp_server(build_authz_app(sidecar), host="127.0.0.1")
+    proxy, admin, sidecar = await start_sidecar(config, aiohttp_server, proxy_server, exchangers)
+    listener = authz_listener(sidecar, "127.0.0.1", 0)  # served as `zonegate sidecar` serves it
+    server = await proxy_server(listener.app, listener.handler)
     assert isinstance(counted, EmbeddedExchanger) and isinstance(counted.core, CountedCore)
     running = Running(proxy, admin, sidecar, red, green, op, counted.core, session)
     assert red_server.port is not None
@@ -87,9 +89,11 @@ async def start_authz(
 
 
 @pytest.fixture
-async def authz(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> AsyncIterator[Authz]:
+async def authz(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory, proxy_server: ServerFactory
+) -> AsyncIterator[Authz]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield await start_authz(op, aiohttp_server, session)
+        yield await start_authz(op, aiohttp_server, proxy_server, session)
 
 
 async def test_allowed_check_carries_the_zone_token_and_what_to_remove(authz: Authz) -> None:

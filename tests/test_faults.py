@@ -351,6 +351,7 @@ def remote_sidecar_document(token_endpoint: str, red_url: str) -> dict[str, Any]
 async def test_exchange_server_killed_under_load_and_restarted(
     op: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
     programs: Callable[..., Program],
     tmp_path: Path,
 ) -> None:
@@ -370,7 +371,7 @@ async def test_exchange_server_killed_under_load_and_restarted(
         parse_sidecar_config(remote_sidecar_document(f"{url}/token", red_url), tmp_path)
     )
     admin = await aiohttp_server(admin_app, host="127.0.0.1")
-    proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+    proxy = await proxy_server(proxy_app)
     async with aiohttp.ClientSession() as session:
         await wait_ready(session, str(admin.make_url("/readyz")))
 
@@ -465,7 +466,10 @@ async def cut_small_body(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 async def test_upstream_slow_resetting_or_garbage_then_healthy(
-    op: DevOpenIDProvider, aiohttp_server: ServerFactory, tmp_path: Path
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
+    tmp_path: Path,
 ) -> None:
     """Upstream resets: 502; answers garbage: 502; never answers: 504 after read_timeout; cuts a
     small body (read whole before answering) short: 502; cuts a streamed body short: the app's
@@ -489,7 +493,7 @@ async def test_upstream_slow_resetting_or_garbage_then_healthy(
     }  # fmt: skip
     proxy_app, admin_app = build_sidecar(parse_sidecar_config(document, tmp_path))
     admin = await aiohttp_server(admin_app, host="127.0.0.1")
-    proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+    proxy = await proxy_server(proxy_app)
     headers = {"Authorization": f"Bearer {op.mint()}"}
     expected = {"reset": (502, b"bad_gateway"), "garbage": (502, b"bad_gateway"),
                 "silent": (504, b"gateway_timeout"), "cutsmall": (502, b"bad_gateway")}  # fmt: skip

@@ -91,7 +91,9 @@ def assert_refused(status: int, body: bytes, expected: int | tuple[int, ...] | N
 
 
 @pytest.fixture
-async def proxy(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> AsyncIterator[Proxy]:
+async def proxy(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory, proxy_server: ServerFactory
+) -> AsyncIterator[Proxy]:
     red, green = Backend("red"), Backend("green")
     red_url = str((await aiohttp_server(red.app(), host="127.0.0.1")).make_url("")).rstrip("/")
     green_url = str((await aiohttp_server(green.app(), host="127.0.0.1")).make_url("/v1"))
@@ -107,7 +109,7 @@ async def proxy(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> AsyncIt
     }  # fmt: skip
     proxy_app, admin_app = build_sidecar(parse_sidecar_config(document, Path.cwd()))
     admin = await aiohttp_server(admin_app, host="127.0.0.1")
-    server = await aiohttp_server(proxy_app, host="127.0.0.1")
+    server = await proxy_server(proxy_app)
     async with aiohttp.ClientSession() as session:
         await wait_ready(session, str(admin.make_url("/readyz")))
         attacked = Proxy(server, red, green, op, session, op.mint())

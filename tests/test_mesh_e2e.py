@@ -99,7 +99,9 @@ def remote(token_endpoint: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def mesh(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> AsyncIterator[Mesh]:
+async def mesh(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory, proxy_server: ServerFactory
+) -> AsyncIterator[Mesh]:
     routes: list[dict[str, Any]] = [
         # On the host Envoy routes (config/envoy/envoy.yaml), before the sidecar's route for it.
         {"name": "scope", "host": "billing.red.internal", "path_prefix": "/write/",
@@ -126,7 +128,7 @@ async def mesh(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> AsyncIte
     connector = aiohttp.TCPConnector(limit=0)  # 200 concurrent calls are 200 connections
     try:
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
-            authz = await start_authz(op, aiohttp_server, session, routes)
+            authz = await start_authz(op, aiohttp_server, proxy_server, session, routes)
             yield Mesh(authz, grpc_port, seen)
     finally:
         await server.stop(None)

@@ -354,6 +354,7 @@ async def test_spiffe_client_through_a_sidecar_presenting_its_certificate(
     pki: Pki,
     serve_exchange: Callable[..., Awaitable[Exchange]],
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
 ) -> None:
     """A sidecar in remote mode with only tls_client_cert_file/tls_client_key_file is
     authenticated by its certificate's URI SAN (a SPIFFE ID): the upstream gets a zone token
@@ -386,7 +387,7 @@ async def test_spiffe_client_through_a_sidecar_presenting_its_certificate(
     )
     proxy_app, admin_app = build_sidecar(config)
     admin = await aiohttp_server(admin_app, host="127.0.0.1")
-    proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+    proxy = await proxy_server(proxy_app)
     async with aiohttp.ClientSession() as session:
         await wait_ready(session, str(admin.make_url("/readyz")))
         headers = {"Authorization": f"Bearer {https_op.login('alice')}"}
@@ -581,6 +582,7 @@ async def test_sidecar_refuses_a_token_endpoint_its_ca_file_does_not_vouch_for(
     pki: Pki,
     serve_exchange: Callable[..., Awaitable[Exchange]],
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
 ) -> None:
     """A sidecar whose ca_file is another CA does not talk to that endpoint: the call is a 503
     saying the certificate is not trusted, and nothing reaches the upstream."""
@@ -605,7 +607,7 @@ async def test_sidecar_refuses_a_token_endpoint_its_ca_file_does_not_vouch_for(
         pki.dir,
     )
     proxy_app, _ = build_sidecar(config)
-    proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+    proxy = await proxy_server(proxy_app)
     async with aiohttp.ClientSession() as session:
         headers = {"Authorization": f"Bearer {https_op.login('alice')}"}
         async with session.get(proxy.make_url("/x"), headers=headers) as r:

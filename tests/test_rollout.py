@@ -336,7 +336,10 @@ async def test_sighup_under_load_keeps_cached_users_cached(
 
 
 async def test_one_zone_exchange_down_at_start_does_not_keep_the_pod_unready(
-    op: DevOpenIDProvider, aiohttp_server: ServerFactory, tmp_path: Path
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
+    tmp_path: Path,
 ) -> None:
     """Segregated mode, green's exchange server down at start: the sidecar is ready (a route's
     exchange is not required by default), red serves 201, green answers 503 with Retry-After,
@@ -371,7 +374,7 @@ async def test_one_zone_exchange_down_at_start_does_not_keep_the_pod_unready(
         }
         proxy_app, admin_app = build_sidecar(parse_sidecar_config(document, tmp_path))
         admin = await aiohttp_server(admin_app, host="127.0.0.1")
-        proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+        proxy = await proxy_server(proxy_app)
         return str(proxy.make_url("")).rstrip("/"), str(admin.make_url("")).rstrip("/")
 
     headers = {"Authorization": f"Bearer {op.mint()}"}

@@ -209,12 +209,15 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, timeout: float = 
 
 
 async def start_sidecar(
-    config: SidecarConfig, aiohttp_server: ServerFactory, exchangers: dict[str, Exchanger]
+    config: SidecarConfig,
+    aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
+    exchangers: dict[str, Exchanger],
 ) -> tuple[TestServer, TestServer, Sidecar]:
     """Serve a sidecar's two apps on 127.0.0.1 and wait for /readyz."""
     proxy_app, admin_app = build_sidecar(config, exchangers=exchangers)
     admin = await aiohttp_server(admin_app, host="127.0.0.1")
-    proxy = await aiohttp_server(proxy_app, host="127.0.0.1")
+    proxy = await proxy_server(proxy_app)
     async with aiohttp.ClientSession() as session:
         await wait_ready(session, str(admin.make_url("/readyz")))
     return proxy, admin, proxy_app[SIDECAR]
@@ -236,7 +239,9 @@ def counted_exchangers(config: SidecarConfig) -> dict[str, Exchanger]:
 
 
 @pytest.fixture
-async def running(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> AsyncIterator[Running]:
+async def running(
+    op: DevOpenIDProvider, aiohttp_server: ServerFactory, proxy_server: ServerFactory
+) -> AsyncIterator[Running]:
     red, green = Backend("red"), Backend("green")
     red_server = await aiohttp_server(red.app(), host="127.0.0.1")
     green_server = await aiohttp_server(green.app(), host="127.0.0.1")
@@ -245,7 +250,7 @@ async def running(op: DevOpenIDProvider, aiohttp_server: ServerFactory) -> Async
     )
     config = parse_sidecar_config(document, Path.cwd())
     exchangers = counted_exchangers(config)
-    proxy, admin, sidecar = await start_sidecar(config, aiohttp_server, exchangers)
+    proxy, admin, sidecar = await start_sidecar(config, aiohttp_server, proxy_server, exchangers)
     counted = next(iter(exchangers.values()))
     assert isinstance(counted, EmbeddedExchanger) and isinstance(counted.core, CountedCore)
     async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -690,6 +695,7 @@ class AnswersOnceThenAborts(Aborting):
 async def test_a_request_a_pooled_connection_dropped_is_resent_once_if_idempotent(
     op: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
     method: str,
     body: bytes | None,
     deliveries: int,
@@ -700,7 +706,9 @@ async def test_a_request_a_pooled_connection_dropped_is_resent_once_if_idempoten
     port = server.sockets[0].getsockname()[1]
     document = sidecar_document(op, f"http://127.0.0.1:{port}", closed_port_url())
     config = parse_sidecar_config(document, Path.cwd())
-    proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+    proxy, _, _ = await start_sidecar(
+        config, aiohttp_server, proxy_server, counted_exchangers(config)
+    )
     headers = {"Authorization": f"Bearer {op.login('alice')}"}
     async with server, aiohttp.ClientSession() as session:
         async with session.get(proxy.make_url("/red/x"), headers=headers) as r:
@@ -720,6 +728,7 @@ async def test_a_request_a_pooled_connection_dropped_is_resent_once_if_idempoten
 async def test_a_request_a_new_connection_dropped_is_sent_once(
     op: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
     method: str,
     body: bytes | None,
 ) -> None:
@@ -730,7 +739,9 @@ async def test_a_request_a_new_connection_dropped_is_sent_once(
     port = server.sockets[0].getsockname()[1]
     document = sidecar_document(op, f"http://127.0.0.1:{port}", closed_port_url())
     config = parse_sidecar_config(document, Path.cwd())
-    proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+    proxy, _, _ = await start_sidecar(
+        config, aiohttp_server, proxy_server, counted_exchangers(config)
+    )
     headers = {"Authorization": f"Bearer {op.login('alice')}"}
     async with (
         server,
@@ -749,7 +760,10 @@ def closed_port_url() -> str:
 
 
 async def test_https_upstream_is_trusted_through_the_configured_ca_bundle(
-    op: DevOpenIDProvider, aiohttp_server: ServerFactory, tmp_path: Path
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
+    tmp_path: Path,
 ) -> None:
     """TLS to an https upstream is verified against upstream.ca_file; without it, 502."""
     ca = trustme.CA()
@@ -763,7 +777,9 @@ async def test_https_upstream_is_trusted_through_the_configured_ca_bundle(
         document = sidecar_document(op, f"https://127.0.0.1:{red_server.port}", closed_port_url())
         document["upstream"]["ca_file"] = ca_file
         config = parse_sidecar_config(document, tmp_path)
-        proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+        proxy, _, _ = await start_sidecar(
+            config, aiohttp_server, proxy_server, counted_exchangers(config)
+        )
         async with aiohttp.ClientSession() as session:
             url = str(proxy.make_url("/red/x"))
             async with session.get(url, headers={"Authorization": f"Bearer {subject}"}) as r:
@@ -1012,6 +1028,7 @@ async def listening_urls(stdout: asyncio.StreamReader) -> dict[str, str]:
 async def test_access_log_switches_the_request_line_only(
     op: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
     caplog: pytest.LogCaptureFixture,
     access_log: bool,
 ) -> None:
@@ -1019,7 +1036,9 @@ async def test_access_log_switches_the_request_line_only(
     red = await aiohttp_server(Backend("red").app(), host="127.0.0.1")
     document = sidecar_document(op, str(red.make_url("")).rstrip("/"), closed_port_url())
     config = parse_sidecar_config({**document, "access_log": access_log}, Path.cwd())
-    proxy, _, _ = await start_sidecar(config, aiohttp_server, counted_exchangers(config))
+    proxy, _, _ = await start_sidecar(
+        config, aiohttp_server, proxy_server, counted_exchangers(config)
+    )
     caplog.set_level(logging.INFO, logger="zonegate.sidecar")
     async with aiohttp.ClientSession() as session:
         headers = {"Authorization": f"Bearer {op.login('alice')}"}

@@ -91,6 +91,7 @@ class Setup:
     red_url: str
     tmp_path: Path
     aiohttp_server: ServerFactory
+    proxy_server: ServerFactory
     session: aiohttp.ClientSession
     client_key_file: Path
     proxy: TestServer | None = None
@@ -112,7 +113,7 @@ class Setup:
         config = parse_sidecar_config(document, self.tmp_path)
         proxy_app, admin_app = build_sidecar(config)
         self.admin = await self.aiohttp_server(admin_app, host="127.0.0.1")
-        self.proxy = await self.aiohttp_server(proxy_app, host="127.0.0.1")
+        self.proxy = await self.proxy_server(proxy_app)
         if ready:
             await wait_ready(self.session, self.admin_url("/readyz"))
         return proxy_app[SIDECAR]
@@ -156,6 +157,7 @@ class Setup:
 async def setup(
     op: DevOpenIDProvider,
     aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
     tmp_path: Path,
 ) -> AsyncIterator[Setup]:
     client_key = generate_private_key("ES256")
@@ -178,7 +180,7 @@ async def setup(
     async with aiohttp.ClientSession() as session:
         yield Setup(
             op, exchange, red, str(red_server.make_url("")).rstrip("/"),
-            tmp_path, aiohttp_server, session, key_file,
+            tmp_path, aiohttp_server, proxy_server, session, key_file,
         )  # fmt: skip
     await exchange.stop()
 

@@ -7,6 +7,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -637,7 +638,7 @@ async def test_fresh_never_takes_a_pooled_connection(pool: UpstreamPool) -> None
 
 @pytest.mark.parametrize("limits", [{"max_busy": 2}, {"max_busy_per_origin": 2}])
 async def test_requests_in_flight_are_bounded_and_a_cancelled_wait_keeps_no_slot(
-    limits: dict[str, int],
+    limits: dict[str, Any],
 ) -> None:
     """With two slots, six concurrent requests reach the upstream at most two at a time,
     in order; a request cancelled while waiting for a slot neither takes one nor loses one."""
