@@ -170,7 +170,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # loop time it went back to the pool
         self._writable = True
         self._drain: asyncio.Future[None] | None = None
         self._exchange: Exchange | None = None
@@ -394,17 +394,18 @@ class Exchange:
         """Until something happens, or ``read_timeout`` seconds without a byte."""
         if self.error is not None:
             raise self.error
-        self.waiter = self.conn.loop.create_future()
-        handle = self.conn.loop.call_later(self.conn.pool.read_timeout, self._timed_out)
+        loop, pool = self.conn.loop, self.conn.pool
+        self.waiter = loop.create_future()
+        pool.watch(self, loop.time() + pool.read_timeout)
         try:
             await self.waiter
         finally:
-            handle.cancel()
+            pool.unwatch(self)
             self.waiter = None
         if self.error is not None:
             raise self.error
 
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         self._fail(UpstreamTimeout(f"no byte from upstream in {self.conn.pool.read_timeout} s"))
 
     def take(self) -> bytes:
@@ -604,6 +605,13 @@ class UpstreamPool:
         self._busy = Slots(max_busy) if max_busy else None
         self._max_per_origin = max_busy_per_origin
         self._busy_per_origin: dict[Origin, Slots] = {}
+        # One timer for the whole pool, not one per wait or idle connection: every ``_tick``
+        # seconds, while something is watched, it fails the answers waited for past their
+        # deadline and closes the connections idle for ``idle_timeout``. A timeout fires
+        # within one tick after it is due.
+        self._deadlines: dict[Exchange, float] = {}  # answers waited for -> loop time
+        self._tick = min(max(min(read_timeout, idle_timeout) / 5, 0.01), 1.0)
+        self._ticking: asyncio.TimerHandle | None = None
 
     async def request(
         self,
@@ -685,12 +693,10 @@ class UpstreamPool:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
-            if not conn.closed:
+            if not conn.closed and conn.loop.time() - conn.idle_since < self.idle_timeout:
                 conn.reused = True
                 return conn
+            conn.close()
         return await self.connect(origin)
 
     async def connect(self, origin: Origin) -> Connection:
@@ -719,17 +725,40 @@ class UpstreamPool:
         if len(idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_handle = conn.loop.call_later(self.idle_timeout, conn.close)
+        conn.idle_since = conn.loop.time()
         idle.append(conn)
+        self._start_ticking()
 
     def forget(self, conn: Connection) -> None:
         self._all.discard(conn)
         idle = self._idle.get(conn.origin)
         if idle is not None and conn in idle:
             idle.remove(conn)
-        if conn.idle_handle is not None:
-            conn.idle_handle.cancel()
-            conn.idle_handle = None
+
+    def watch(self, exchange: Exchange, deadline: float) -> None:
+        """Fail ``exchange`` (``timed_out``) if it is still waited for at ``deadline``."""
+        self._deadlines[exchange] = deadline
+        self._start_ticking()
+
+    def unwatch(self, exchange: Exchange) -> None:
+        self._deadlines.pop(exchange, None)
+
+    def _start_ticking(self) -> None:
+        if self._ticking is None:
+            self._ticking = asyncio.get_running_loop().call_later(self._tick, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._ticking = None
+        now = asyncio.get_running_loop().time()
+        for exchange, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                self._deadlines.pop(exchange, None)
+                exchange.timed_out()
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since >= self.idle_timeout:
+                idle.popleft().close()  # the oldest first: each deque is in put-back order
+        if self._deadlines or any(self._idle.values()):
+            self._start_ticking()
 
     def idle_count(self, origin: Origin) -> int:
         return len(self._idle.get(origin, ()))
@@ -739,4 +768,7 @@ class UpstreamPool:
         for conn in list(self._all):
             conn.close()
         self._idle.clear()
+        if self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
         await asyncio.sleep(0)  # let transports run their connection_lost

@@ -518,6 +518,36 @@ async def test_stalled_upstream_is_a_timeout() -> None:
         await pool.close()
 
 
+async def test_timeouts_fire_within_a_tick_of_their_deadline() -> None:
+    """One timer serves the pool: a stalled answer fails between read_timeout and one tick
+    (a fifth of it) later, and an idle connection closes after idle_timeout, never before."""
+
+    async def one_then_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(5)
+
+    pool = UpstreamPool(read_timeout=0.5, idle_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    try:
+        async with raw_server(one_then_stall) as (origin, accepts):
+            assert await fetch(pool, origin) == (200, b"ok")
+            await asyncio.sleep(0.3)
+            assert pool.idle_count(origin) == 1  # not idle for 0.5 s yet
+            started = loop.time()
+            with pytest.raises(UpstreamTimeout):
+                await pool.request(origin, "GET", "/")  # the same connection: it stalls
+            assert 0.5 <= loop.time() - started <= 0.5 + 0.1 + 0.05
+            assert await fetch(pool, origin) == (200, b"ok")  # a new connection
+            await asyncio.sleep(0.75)
+            assert pool.idle_count(origin) == 0
+            assert len(accepts) == 2
+    finally:
+        await pool.close()
+
+
 async def test_stall_before_the_head_is_a_timeout() -> None:
     """An upstream that accepts and never answers: UpstreamTimeout."""
 
