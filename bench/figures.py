@@ -263,6 +263,9 @@ async def added_latency(stack: Stack, size: Size) -> list[Row]:
     direct = await open_loop(stack, size, f"{stack.url('upstream')}/x", {})
     hop = await open_loop(stack, size, f"{stack.url('embedded', 'sidecar')}/hit/x", hot)
     nginx = await open_loop(stack, size, f"{stack.url('nginx')}/x", {})
+    peers = {"nginx proxy_pass": nginx}
+    if "envoy" in stack.procs:
+        peers["Envoy --concurrency 1"] = await open_loop(stack, size, f"{stack.url('envoy')}/x", {})
     rate = f"{size.rate:.0f} req/s"
     rows = [
         Row(
@@ -273,19 +276,20 @@ async def added_latency(stack: Stack, size: Size) -> list[Row]:
             f"<= +{limit} ms",
             hop[f"p{p}_ms"] - direct[f"p{p}_ms"] <= limit,
         )
-        for p, limit in ((50, 0.5), (99, 2.0))
+        for p, limit in ((50, 0.35), (99, 2.0))
     ]
-    rows.append(
+    rows += [
         Row(
-            f"(context) nginx proxy_pass hop at {rate}, p50 / p99",
-            f"{nginx['p50_ms']:.3f} / {nginx['p99_ms']:.3f} ms",
+            f"(context) {name} hop at {rate}, p50 / p99",
+            f"{peer['p50_ms']:.3f} / {peer['p99_ms']:.3f} ms",
             f"{direct['p50_ms']:.3f} / {direct['p99_ms']:.3f} ms direct",
-            f"{delta_ms(nginx['p50_ms'], direct['p50_ms'])} / "
-            f"{delta_ms(nginx['p99_ms'], direct['p99_ms'])}",
+            f"{delta_ms(peer['p50_ms'], direct['p50_ms'])} / "
+            f"{delta_ms(peer['p99_ms'], direct['p99_ms'])}",
             "-",
             None,
         )
-    )
+        for name, peer in peers.items()
+    ]
     return rows
 
 
@@ -347,16 +351,19 @@ async def token_throughput(stack: Stack, size: Size) -> list[Row]:
     )
     if size.warmup:
         await load(stack, endpoint, size.warmup, TOKEN_CONNECTIONS, script=script)
+    exchange = stack.procs["exchange"]
+    cpu = exchange.cpu_seconds()
     served = await load(stack, endpoint, size.seconds, TOKEN_CONNECTIONS, script=script)
+    cpu_us = (exchange.cpu_seconds() - cpu) * 1e6 / max(served.requests, 1)
     raw = await raw_crypto(stack, size, subject_token, zone_token)
     return [
         Row(
             "POST /token throughput, exchange server (ES256 in, ES256 out)",
-            f"{served.requests_per_second:,.0f} req/s",
-            f"{raw:,.0f} verify+sign/s raw cryptography",
+            f"{served.requests_per_second:,.0f} req/s, {cpu_us:.0f} us CPU/req",
+            f"{raw:,.0f} verify+sign/s raw cryptography ({1e6 / raw:.0f} us each)",
             ratio(served.requests_per_second, raw),
-            ">= 0.5x",
-            served.requests_per_second >= 0.5 * raw,
+            ">= 0.35x",
+            served.requests_per_second >= 0.35 * raw,
         )
     ]
 

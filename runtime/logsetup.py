@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ PARSE_ERROR_LOGGER = "aiohttp.server"
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 # json.dumps(entry, default=str) builds a new encoder per call; one shared encoder writes the same.
 _ENCODE = json.JSONEncoder(default=str).encode
+_STRING = json.encoder.encode_basestring_ascii  # what _ENCODE writes for a str (ensure_ascii)
 
 
 class Timestamps:
@@ -118,8 +120,31 @@ class AccessLine:
         if writer is None:
             logger.info(self._msg, extra=fields)
             return
-        rest = f", {_ENCODE(fields)[1:]}" if fields else "}"
+        members = flat_members(fields)
+        if members is None:  # a value _ENCODE must write itself
+            members = _ENCODE(fields)[1:-1]
+        rest = f", {members}}}" if fields else "}"
         writer.add(f'{{"ts": "{self._timestamps.of(time.time())}"{self._head}{rest}')
+
+
+def flat_members(fields: dict[str, Any]) -> str | None:
+    """``_ENCODE(fields)`` without its braces, for flat fields (str, int, finite float, None),
+    written directly (twice as fast); None for any other value."""
+    members = []
+    for key, value in fields.items():
+        kind = type(value)
+        if kind is str:
+            text = _STRING(value)
+        elif kind is int:
+            text = int.__repr__(value)
+        elif kind is float and math.isfinite(value):
+            text = float.__repr__(value)
+        elif value is None:
+            text = "null"
+        else:
+            return None
+        members.append(f"{_STRING(key)}: {text}")
+    return ", ".join(members)
 
 
 def _sole_line_writer(logger: logging.Logger) -> LineWriter | None:

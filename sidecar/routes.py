@@ -61,6 +61,20 @@ class Match:
 
 def normalise_path(raw_path: str) -> str:
     """The normalised form of an encoded path, or BadPath."""
+    if (
+        raw_path.startswith("/")
+        and "%" not in raw_path
+        and "." not in raw_path
+        and "\\" not in raw_path
+        and "\x00" not in raw_path
+    ):
+        return raw_path  # no escape and no dot segment: already normal (most paths)
+    return normalise_escaped_path(raw_path)
+
+
+def normalise_escaped_path(raw_path: str) -> str:
+    """``normalise_path`` for any path: escapes decoded where unambiguous, dot segments
+    removed, the ambiguous refused."""
     if not raw_path.startswith("/"):
         raise BadPath("the request path must start with '/'")
     if "\\" in raw_path or "\x00" in raw_path or _ESCAPE.search(raw_path):

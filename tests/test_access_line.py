@@ -8,10 +8,13 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from runtime.logsetup import AccessLine, JsonFormatter, LineWriter
+from runtime.logsetup import AccessLine, JsonFormatter, LineWriter, flat_members
 
 FIELDS = {"method": "GET", "route": "red", "status": 200, "duration": 0.000123, "subject": None}
 TS = re.compile(r'^\{"ts": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ')
@@ -65,3 +68,20 @@ def test_below_info_nothing_is_written(logger: logging.Logger) -> None:
     logger.setLevel(logging.WARNING)
     AccessLine(logger, "request").write(FIELDS)
     assert written(logger) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(max_size=8),
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+        | st.lists(st.integers(), max_size=2),
+        max_size=6,
+    )
+)  # fmt: skip
+def test_flat_fields_are_written_as_the_json_encoder_writes_them(fields: dict[str, Any]) -> None:
+    members = flat_members(fields)
+    encoded = json.JSONEncoder(default=str).encode(fields)
+    assert members is None or "{" + members + "}" == encoded
+    if all(v is None or type(v) in (str, int) for v in fields.values()):
+        assert members is not None  # the usual access line takes the short way

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.configload import ConfigError
 from sidecar.config import parse_sidecar_config
@@ -13,6 +15,7 @@ from sidecar.routes import (
     BadPath,
     RouteTable,
     TokenInTarget,
+    normalise_escaped_path,
     normalise_path,
     refuse_token_in_target,
 )
@@ -253,3 +256,17 @@ def test_a_target_carrying_a_token_is_refused(target: str, where: str) -> None:
 def test_a_target_without_a_token_passes(target: str, token: str | None) -> None:
     """Other parameters, a part of the token, or no token known: nothing to refuse."""
     refuse_token_in_target(target, token)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="/a.%2eEfF5cC;\\\x00", max_size=16))
+def test_the_fast_path_normalises_as_the_full_rules_do(path: str) -> None:
+    """A path without escapes or dots is returned as it is: the full rules agree on every path."""
+    try:
+        expected: str | type[BadPath] = normalise_escaped_path(path)
+    except BadPath:
+        expected = BadPath
+    try:
+        assert normalise_path(path) == expected
+    except BadPath:
+        assert expected is BadPath
