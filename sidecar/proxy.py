@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -83,8 +83,7 @@ class Call:
     started: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """One call decided, the same way for both listeners (``Proxy.decide``): the route, the
     subject token, the zone token to send (None: a ``missing_token: forward`` route called
     without one) and the incoming headers that must not reach the upstream (lower-case names:
@@ -94,6 +93,9 @@ class Decision:
     subject_token: str | None
     token: str | None
     unsafe: tuple[str, ...]
+
+    def __repr__(self) -> str:  # never the tokens
+        return f"Decision(route={self.match.route.name!r}, unsafe={self.unsafe!r})"
 
 
 @dataclass

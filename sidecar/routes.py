@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote, unquote_plus
 
 from yarl import URL
@@ -44,8 +44,7 @@ ACCESS_TOKEN_PARAMETER = "access_token"  # RFC 6750 §2.3, the URI query carrier
 _PARAMETER_SEPARATOR = re.compile(r"[&;]")
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
+class Match(NamedTuple):
     """A matched route and the request target to send its upstream."""
 
     route: Route
