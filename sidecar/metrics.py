@@ -63,6 +63,7 @@ class SidecarMetrics:
         )
         self._eviction_children = {r: self.evictions.labels(reason=r) for r in EVICTION_REASONS}
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._authz_children: dict[tuple[str, str], Counter] = {}
         self.cache_entries = Gauge(
             "zonegate_sidecar_token_cache_entries",
             "Exchanged tokens held in the cache.",
@@ -104,7 +105,11 @@ class SidecarMetrics:
 
     def observe_authz(self, route: str, outcome: str) -> None:
         """One authz check (Envoy ext_authz, nginx auth_request): ``allowed`` or the error."""
-        self.authz_checks.labels(route=route, outcome=outcome).inc()
+        child = self._authz_children.get((route, outcome))
+        if child is None:
+            child = self.authz_checks.labels(route=route, outcome=outcome)
+            self._authz_children[(route, outcome)] = child
+        child.inc()
 
     def observe_eviction(self, reason: str, count: int = 1) -> None:
         child = self._eviction_children.get(reason)
