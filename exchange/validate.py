@@ -10,8 +10,9 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -23,6 +24,15 @@ MAX_KID_LENGTH = 256
 _JWS = jwt.PyJWS()
 # Key types each algorithm family may verify with: "alg confusion" stops here.
 ALG_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")  # RFC 4648 §5, unpadded
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """The bytes a compact JWS's signature covers, and the signature: what PyJWS would verify."""
+
+    signing_input: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +42,9 @@ class Unverified:
     header: Mapping[str, Any]
     claims: Mapping[str, Any]
     what: str  # "subject_token" or "actor_token", for messages
+    # Set by peek() when PyJWS would read the token to the very same bytes (see signed_part):
+    # verify() then checks the signature without parsing the token a second time.
+    signed: Signed | None = field(default=None, repr=False, compare=False)
 
     @property
     def issuer(self) -> str:
@@ -80,6 +93,34 @@ def _json_segment(segment: str, name: str) -> dict[str, Any]:
     return value
 
 
+def _canonical(segment: str) -> bytes | None:
+    """The bytes of a base64url segment in its one spelling (the URL-safe alphabet, no padding,
+    no stray low bits), or None: the segments PyJWS decodes to the same bytes without a word."""
+    if len(segment) % 4 == 1 or not _BASE64URL.fullmatch(segment):
+        return None
+    decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != segment.encode("ascii"):
+        return None
+    return decoded
+
+
+def signed_part(token: str, header: Mapping[str, Any]) -> Signed | None:
+    """Signing input and signature of a compact JWS (three parts) whose header ``read_jws``
+    returned, when PyJWS's reader (``decode_complete``) would accept it and see the same
+    header: every part canonical base64url, and no header PyJWS treats specially (``b64``,
+    ``crit``, a ``kid`` that is no string). Anything else is None, and verify() hands the
+    token to PyJWS whole, which then words the refusal as it always did."""
+    if "b64" in header or "crit" in header or not isinstance(header.get("kid", ""), str):
+        return None
+    head, payload, signature = token.split(".")
+    if _canonical(head) is None or _canonical(payload) is None:
+        return None
+    raw_signature = _canonical(signature)
+    if raw_signature is None:
+        return None
+    return Signed(token[: len(head) + 1 + len(payload)].encode("ascii"), raw_signature)
+
+
 def unverified_claims(token: str) -> dict[str, Any]:
     """The claims of a compact JWS, unverified, ``{}`` when malformed: only for lifetimes and
     labels, never for a decision."""
@@ -101,7 +142,7 @@ def peek(token: str, *, what: str, max_size: int) -> Unverified:
         raise InvalidRequest(f"{what} is not a well-formed JWT: {e}") from e
     if "crit" in header:
         raise InvalidRequest(f"{what} has a crit header; no JWS extensions are understood")
-    return Unverified(header=header, claims=claims, what=what)
+    return Unverified(header=header, claims=claims, what=what, signed=signed_part(token, header))
 
 
 ACCESS_TOKEN_TYPS = frozenset({"jwt", "at+jwt"})  # RFC 7519 §5.1, RFC 9068 §2.1
@@ -165,7 +206,16 @@ def verify(
         )
     _check_key_fits(token, alg, key)
     try:  # the signature covers the very bytes peek() parsed: its claims are now verified
-        _JWS.decode_complete(raw, key.key, algorithms=[alg])
+        if token.signed is not None:  # PyJWS's checks of algorithm, key and signature
+            _JWS._verify_signature(
+                token.signed.signing_input,
+                dict(token.header),
+                token.signed.signature,
+                key.key,
+                [alg],
+            )
+        else:  # a spelling PyJWS may refuse, or read differently: it reads the token itself
+            _JWS.decode_complete(raw, key.key, algorithms=[alg])
     except jwt.InvalidSignatureError as e:
         raise InvalidRequest(f"{token.what} signature does not verify") from e
     except (jwt.PyJWTError, ValueError, TypeError) as e:
