@@ -80,45 +80,47 @@ def read_jws(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     segments = token.split(".")
     if len(segments) != 3:
         raise MalformedJws("compact JWS has three dot-separated parts")
-    return _json_segment(segments[0], "header"), _json_segment(segments[1], "payload")
+    return _json_segment(segments[0], "header")[0], _json_segment(segments[1], "payload")[0]
 
 
-def _json_segment(segment: str, name: str) -> dict[str, Any]:
+def _json_segment(segment: str, name: str) -> tuple[dict[str, Any], bytes]:
+    """The JSON object a segment encodes, and the bytes it decoded to."""
     try:
-        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(decoded)
     except (ValueError, RecursionError, binascii.Error) as e:  # JSON and UTF-8 errors too
         raise MalformedJws(f"{name} is not base64url-encoded JSON") from e
     if not isinstance(value, dict):
         raise MalformedJws(f"{name} is not a JSON object")
-    return value
+    return value, decoded
 
 
-def _canonical(segment: str) -> bytes | None:
-    """The bytes of a base64url segment in its one spelling (the URL-safe alphabet, no padding,
-    no stray low bits), or None: the segments PyJWS decodes to the same bytes without a word."""
-    if len(segment) % 4 == 1 or not _BASE64URL.fullmatch(segment):
-        return None
-    decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != segment.encode("ascii"):
-        return None
-    return decoded
+def _canonical(segment: str, decoded: bytes) -> bool:
+    """Whether ``segment`` is the one spelling of ``decoded`` (URL-safe alphabet, no padding,
+    no stray low bits): the spelling PyJWS decodes to the same bytes without a word."""
+    return base64.urlsafe_b64encode(decoded).rstrip(b"=") == segment.encode("ascii")
 
 
-def signed_part(token: str, header: Mapping[str, Any]) -> Signed | None:
-    """Signing input and signature of a compact JWS (three parts) whose header ``read_jws``
-    returned, when PyJWS's reader (``decode_complete``) would accept it and see the same
-    header: every part canonical base64url, and no header PyJWS treats specially (``b64``,
-    ``crit``, a ``kid`` that is no string). Anything else is None, and verify() hands the
-    token to PyJWS whole, which then words the refusal as it always did."""
+def signed_part(
+    segments: tuple[str, str, str], header: Mapping[str, Any], decoded: tuple[bytes, bytes]
+) -> Signed | None:
+    """Signing input and signature of a compact JWS whose header and payload segments
+    ``_json_segment`` read (to ``header`` and the ``decoded`` bytes), when PyJWS's reader
+    (``decode_complete``) would accept it and see the same header: every part canonical
+    base64url, and no header PyJWS treats specially (``b64``, ``crit``, a ``kid`` that is no
+    string). Anything else is None, and verify() hands the token to PyJWS whole, which then
+    words the refusal as it always did."""
     if "b64" in header or "crit" in header or not isinstance(header.get("kid", ""), str):
         return None
-    head, payload, signature = token.split(".")
-    if _canonical(head) is None or _canonical(payload) is None:
+    head, payload, signature = segments
+    if not (_canonical(head, decoded[0]) and _canonical(payload, decoded[1])):
         return None
-    raw_signature = _canonical(signature)
-    if raw_signature is None:
+    if len(signature) % 4 == 1 or not _BASE64URL.fullmatch(signature):
         return None
-    return Signed(token[: len(head) + 1 + len(payload)].encode("ascii"), raw_signature)
+    raw_signature = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    if not _canonical(signature, raw_signature):
+        return None
+    return Signed(f"{head}.{payload}".encode("ascii"), raw_signature)
 
 
 def unverified_claims(token: str) -> dict[str, Any]:
@@ -136,13 +138,16 @@ def peek(token: str, *, what: str, max_size: int) -> Unverified:
         raise InvalidRequest(f"{what} is larger than {max_size} bytes")
     if token.count(".") != 2:
         raise InvalidRequest(f"{what} is not a JWT (compact JWS has three dot-separated parts)")
+    head, payload, signature = token.split(".")
     try:  # one parse for header and payload; verify() then checks the signature only
-        header, claims = read_jws(token)
+        header, header_bytes = _json_segment(head, "header")
+        claims, claims_bytes = _json_segment(payload, "payload")
     except MalformedJws as e:
         raise InvalidRequest(f"{what} is not a well-formed JWT: {e}") from e
     if "crit" in header:
         raise InvalidRequest(f"{what} has a crit header; no JWS extensions are understood")
-    return Unverified(header=header, claims=claims, what=what, signed=signed_part(token, header))
+    signed = signed_part((head, payload, signature), header, (header_bytes, claims_bytes))
+    return Unverified(header=header, claims=claims, what=what, signed=signed)
 
 
 ACCESS_TOKEN_TYPS = frozenset({"jwt", "at+jwt"})  # RFC 7519 §5.1, RFC 9068 §2.1
