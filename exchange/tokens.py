@@ -190,8 +190,9 @@ def single(form: Mapping[str, Sequence[str]], name: str) -> str | None:
 
 def parse_token_request(form: Mapping[str, Sequence[str]]) -> TokenExchangeRequest:
     """Turn RFC 8693 §2.1 form fields (name -> every value) into a request, or raise."""
-    for name in SINGLE_VALUED:
-        single(form, name)  # raises on repetition, before anything else is believed
+    if any(len(values) > 1 for values in form.values()):
+        for name in SINGLE_VALUED:
+            single(form, name)  # raises on repetition, before anything else is believed
     grant_type = single(form, "grant_type")
     if grant_type is None:
         raise InvalidRequest("grant_type is required")

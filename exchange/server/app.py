@@ -339,12 +339,16 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     client = await service.auth.authenticate(presented, now=time.time())
     outcome.client = client.client_id
     CLIENT_ID.set(client.client_id)
-    outcome.zone = service.zone_of(exchange_request, client)
-    if service.shared_limits is not None:
-        await service.shared_limits.check(client)
-    else:
-        service.limiter.check(client.client_id)
-    response = await service.core.exchange(exchange_request, client=client)
+    try:
+        if service.shared_limits is not None:
+            await service.shared_limits.check(client)
+        else:
+            service.limiter.check(client.client_id)
+        response = await service.core.exchange(exchange_request, client=client)
+    except ExchangeError:  # the zone the request targets, for the labels, if it names one
+        outcome.zone = service.zone_of(exchange_request, client)
+        raise
+    outcome.zone = response.zone or NO_ZONE  # the zone the policy selected, as zone_of would
     outcome.jti = str(response.claims.get("jti"))
     outcome.scope = response.scope
     return response
