@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exchange.tokens import GRANT_TYPE_TOKEN_EXCHANGE, parse_form
+from exchange.errors import InvalidRequest
+from exchange.tokens import (
+    ACTOR_TOKEN_TYPES,
+    CLIENT_ASSERTION_TYPE_JWT_BEARER,
+    GRANT_TYPE_TOKEN_EXCHANGE,
+    REQUESTED_TOKEN_TYPES,
+    SUBJECT_TOKEN_TYPES,
+    parse_form,
+    parse_scope,
+)
 
 MAX_FIELDS = 64
 
@@ -47,6 +56,14 @@ TOKEN_REQUEST = urllib.parse.urlencode(
 
 BODIES: list[tuple[str, bytes]] = [
     ("token request", TOKEN_REQUEST),
+    (
+        "URN with lower-case escapes",
+        b"grant_type=urn%3aietf%3aparams%3aoauth%3agrant-type%3atoken-exchange",
+    ),
+    ("URN unescaped", b"grant_type=" + GRANT_TYPE_TOKEN_EXCHANGE.encode()),
+    ("URN as a name", b"urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt=x"),
+    ("URN with a plus", b"subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt+"),
+    ("URN twice", b"actor_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aid_token" * 2),
     ("empty", b""),
     ("only separators", b"&&&&=&="),
     ("one ampersand", b"&"),
@@ -163,3 +180,38 @@ def test_parse_form_matches_parse_qsl_on_random_bodies(body: bytes) -> None:
 def test_parse_form_matches_parse_qsl_on_any_bytes(body: bytes) -> None:
     """Any bytes at all."""
     assert parsed(body) == reference(body)
+
+
+URNS = sorted(
+    {GRANT_TYPE_TOKEN_EXCHANGE, CLIENT_ASSERTION_TYPE_JWT_BEARER}
+    | SUBJECT_TOKEN_TYPES
+    | ACTOR_TOKEN_TYPES
+    | REQUESTED_TOKEN_TYPES
+)
+
+
+@pytest.mark.parametrize("urn", URNS)
+@pytest.mark.parametrize("safe", ["", ":"])
+def test_vocabulary_reads_as_before(urn: str, safe: str) -> None:
+    """The RFC 8693 URNs, escaped as encoders write them or not, as names and values."""
+    value = urllib.parse.quote(urn, safe=safe).encode()
+    for body in (b"x=" + value, value + b"=x", value, b"x=" + value.lower(), b"x=" + value + b"+"):
+        assert parsed(body) == reference(body)
+
+
+def reference_scope_allows(value: str) -> bool:
+    """The scope character check before the regular expression (RFC 6749 §3.3)."""
+    return all(ch == " " or ("\x21" <= ch <= "\x7e" and ch not in '"\\') for ch in value)
+
+
+@pytest.mark.parametrize("code", range(0x180))
+def test_scope_characters_as_before(code: int) -> None:
+    """Every character up to U+017F, alone and between scope tokens, is allowed or refused as
+    before."""
+    for value in (chr(code), f"a{chr(code)}b", f"read {chr(code)}"):
+        try:
+            parse_scope(value)
+            allowed = True
+        except InvalidRequest:
+            allowed = False
+        assert allowed == reference_scope_allows(value), repr(value)
