@@ -8,7 +8,7 @@ server and the sidecar's embedded exchanger are adapters around it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,14 +187,13 @@ class ExchangeCore:
         trace: Trace | None = None,
     ) -> Verified:
         """Validate subject and actor tokens and take the policy decision, minting nothing."""
-        note = trace or (lambda step, detail: None)
         subject = await self._verify_token(
-            request.subject_token, "subject_token", request.subject_token_type, now, note
+            request.subject_token, "subject_token", request.subject_token_type, now, trace
         )
         actor = None
         if request.actor_token is not None:
             actor = await self._verify_token(
-                request.actor_token, "actor_token", request.actor_token_type or "", now, note
+                request.actor_token, "actor_token", request.actor_token_type or "", now, trace
             )
         decision = policy.decide(request, client, self.config, self.zone_index, subject, actor, now)
         if trace is not None:
@@ -202,22 +201,27 @@ class ExchangeCore:
         return Verified(subject, actor, decision)
 
     async def _verify_token(
-        self, raw: str, what: str, declared: str, now: float, note: Callable[[str, str], None]
+        self, raw: str, what: str, declared: str, now: float, note: Trace | None
     ) -> dict[str, Any]:
+        """``note``: the explain trace, if any (its words are only built for it)."""
         token = validate.peek(raw, what=what, max_size=self.config.max_token_size)
         trusted = self._trusted_issuer(token)
-        note(f"{what} issuer", f"{trusted.issuer} is trusted")
+        if note is not None:
+            note(f"{what} issuer", f"{trusted.issuer} is trusted")
         validate.check_type(token, declared.removeprefix(TOKEN_TYPE_URN), trusted)
-        note(f"{what} type", f"typ {validate.typ_of(token) or '(none)'} fits {declared}")
+        if note is not None:
+            note(f"{what} type", f"typ {validate.typ_of(token) or '(none)'} fits {declared}")
         key = await self.issuer_keys[trusted.issuer].key(token.kid)
-        note(f"{what} key", f"kid {token.kid} found in the issuer's JWKS")
+        if note is not None:
+            note(f"{what} key", f"kid {token.kid} found in the issuer's JWKS")
         claims = validate.verify(
             token, raw, key, issuer=trusted, now=now, leeway=self.config.leeway
         )
-        note(
-            f"{what} claims",
-            "signature, iss, exp, nbf, iat" + (", aud" if trusted.audiences else "") + " valid",
-        )
+        if note is not None:
+            note(
+                f"{what} claims",
+                "signature, iss, exp, nbf, iat" + (", aud" if trusted.audiences else "") + " valid",
+            )
         return claims
 
     def _trusted_issuer(self, token: validate.Unverified) -> TrustedIssuer:

@@ -10,8 +10,9 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -23,6 +24,15 @@ MAX_KID_LENGTH = 256
 _JWS = jwt.PyJWS()
 # Key types each algorithm family may verify with: "alg confusion" stops here.
 ALG_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")  # RFC 4648 §5, unpadded
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """The bytes a compact JWS's signature covers, and the signature: what PyJWS would verify."""
+
+    signing_input: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +42,9 @@ class Unverified:
     header: Mapping[str, Any]
     claims: Mapping[str, Any]
     what: str  # "subject_token" or "actor_token", for messages
+    # Set by peek() when PyJWS would read the token to the very same bytes (see signed_part):
+    # verify() then checks the signature without parsing the token a second time.
+    signed: Signed | None = field(default=None, repr=False, compare=False)
 
     @property
     def issuer(self) -> str:
@@ -67,17 +80,47 @@ def read_jws(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     segments = token.split(".")
     if len(segments) != 3:
         raise MalformedJws("compact JWS has three dot-separated parts")
-    return _json_segment(segments[0], "header"), _json_segment(segments[1], "payload")
+    return _json_segment(segments[0], "header")[0], _json_segment(segments[1], "payload")[0]
 
 
-def _json_segment(segment: str, name: str) -> dict[str, Any]:
+def _json_segment(segment: str, name: str) -> tuple[dict[str, Any], bytes]:
+    """The JSON object a segment encodes, and the bytes it decoded to."""
     try:
-        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+        decoded = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(decoded)
     except (ValueError, RecursionError, binascii.Error) as e:  # JSON and UTF-8 errors too
         raise MalformedJws(f"{name} is not base64url-encoded JSON") from e
     if not isinstance(value, dict):
         raise MalformedJws(f"{name} is not a JSON object")
-    return value
+    return value, decoded
+
+
+def _canonical(segment: str, decoded: bytes) -> bool:
+    """Whether ``segment`` is the one spelling of ``decoded`` (URL-safe alphabet, no padding,
+    no stray low bits): the spelling PyJWS decodes to the same bytes without a word."""
+    return base64.urlsafe_b64encode(decoded).rstrip(b"=") == segment.encode("ascii")
+
+
+def signed_part(
+    segments: tuple[str, str, str], header: Mapping[str, Any], decoded: tuple[bytes, bytes]
+) -> Signed | None:
+    """Signing input and signature of a compact JWS whose header and payload segments
+    ``_json_segment`` read (to ``header`` and the ``decoded`` bytes), when PyJWS's reader
+    (``decode_complete``) would accept it and see the same header: every part canonical
+    base64url, and no header PyJWS treats specially (``b64``, ``crit``, a ``kid`` that is no
+    string). Anything else is None, and verify() hands the token to PyJWS whole, which then
+    words the refusal as it always did."""
+    if "b64" in header or "crit" in header or not isinstance(header.get("kid", ""), str):
+        return None
+    head, payload, signature = segments
+    if not (_canonical(head, decoded[0]) and _canonical(payload, decoded[1])):
+        return None
+    if len(signature) % 4 == 1 or not _BASE64URL.fullmatch(signature):
+        return None
+    raw_signature = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    if not _canonical(signature, raw_signature):
+        return None
+    return Signed(f"{head}.{payload}".encode("ascii"), raw_signature)
 
 
 def unverified_claims(token: str) -> dict[str, Any]:
@@ -95,13 +138,16 @@ def peek(token: str, *, what: str, max_size: int) -> Unverified:
         raise InvalidRequest(f"{what} is larger than {max_size} bytes")
     if token.count(".") != 2:
         raise InvalidRequest(f"{what} is not a JWT (compact JWS has three dot-separated parts)")
+    head, payload, signature = token.split(".")
     try:  # one parse for header and payload; verify() then checks the signature only
-        header, claims = read_jws(token)
+        header, header_bytes = _json_segment(head, "header")
+        claims, claims_bytes = _json_segment(payload, "payload")
     except MalformedJws as e:
         raise InvalidRequest(f"{what} is not a well-formed JWT: {e}") from e
     if "crit" in header:
         raise InvalidRequest(f"{what} has a crit header; no JWS extensions are understood")
-    return Unverified(header=header, claims=claims, what=what)
+    signed = signed_part((head, payload, signature), header, (header_bytes, claims_bytes))
+    return Unverified(header=header, claims=claims, what=what, signed=signed)
 
 
 ACCESS_TOKEN_TYPS = frozenset({"jwt", "at+jwt"})  # RFC 7519 §5.1, RFC 9068 §2.1
@@ -165,7 +211,16 @@ def verify(
         )
     _check_key_fits(token, alg, key)
     try:  # the signature covers the very bytes peek() parsed: its claims are now verified
-        _JWS.decode_complete(raw, key.key, algorithms=[alg])
+        if token.signed is not None:  # PyJWS's checks of algorithm, key and signature
+            _JWS._verify_signature(
+                token.signed.signing_input,
+                dict(token.header),
+                token.signed.signature,
+                key.key,
+                [alg],
+            )
+        else:  # a spelling PyJWS may refuse, or read differently: it reads the token itself
+            _JWS.decode_complete(raw, key.key, algorithms=[alg])
     except jwt.InvalidSignatureError as e:
         raise InvalidRequest(f"{token.what} signature does not verify") from e
     except (jwt.PyJWTError, ValueError, TypeError) as e:

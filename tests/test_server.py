@@ -609,6 +609,36 @@ async def test_metrics_count_exchanges_and_fetches(exchange: Exchange) -> None:
     assert f'zonegate_jwks_fetches_total{{issuer="{exchange.op.issuer}",outcome="ok"}}' in text
 
 
+async def test_refusals_after_authentication_carry_the_targeted_zone(exchange: Exchange) -> None:
+    """A request refused after the client authenticated is labelled (metrics, audit) with the
+    zone it targets, or ``none`` when it targets none; a refusal before authentication, with
+    the unknown client and no zone."""
+    shop = basic("shop-frontend", "s3cret-shop")
+    limited = basic("limited", "s3cret-limited")  # zone red only, a burst of 2
+    cases = [  # (form, authorization, client label, outcome, zone label)
+        (exchange.form(scope="billing:write"), shop, "shop-frontend", "invalid_scope", "red"),
+        (exchange.form(audience="nowhere"), shop, "shop-frontend", "invalid_target", "none"),
+        (exchange.form(subject="a.b.c"), shop, "shop-frontend", "invalid_request", "red"),
+        (exchange.form(), basic("shop-frontend", "wrong"), "unknown", "invalid_client", "none"),
+        (exchange.form(audience="orders"), limited, "limited", "unauthorized_client", "green"),
+        (exchange.form(), limited, "limited", "ok", "red"),
+        (exchange.form(), limited, "limited", "slow_down", "red"),  # before the core
+    ]
+    for form, authorization, *_ in cases:
+        await exchange.post(form, authorization=authorization)
+    async with exchange.session.get(exchange.url + "/metrics") as r:
+        text = await r.text()
+    audit = [
+        json.loads(line) for line in exchange.scan.lines if '"logger": "zonegate.audit"' in line
+    ]
+    assert [(a["client"], a["outcome"], a["zone"]) for a in audit[-len(cases) :]] == [
+        case[2:] for case in cases
+    ]
+    for _, _, client, outcome, zone in cases:
+        series = f'{{client="{client}",outcome="{outcome}",zone="{zone}"}} 1.0'
+        assert f"zonegate_exchange_requests_total{series}" in text, series
+
+
 # -- reload -------------------------------------------------------------------------------------
 
 

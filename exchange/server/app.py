@@ -22,7 +22,6 @@ import contextvars
 import logging
 import ssl
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,12 @@ from exchange.server.keyfiles import KeyFiles
 from exchange.server.metrics import NO_ZONE, UNKNOWN_CLIENT, ExchangeMetrics
 from exchange.server.sharedstate import REDIS, SharedState, SharedStateUnavailable
 from exchange.server.wiring import build_core, cluster_fetchers
-from exchange.tokens import TokenExchangeRequest, TokenResponse, parse_token_request
+from exchange.tokens import (
+    TokenExchangeRequest,
+    TokenResponse,
+    parse_form,
+    parse_token_request,
+)
 from runtime.configload import ConfigError
 from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
@@ -278,20 +282,11 @@ async def read_form(request: web.Request) -> dict[str, list[str]]:
     except web.HTTPRequestEntityTooLarge as e:
         raise BodyTooLarge(f"request body larger than {MAX_BODY} bytes") from e
     try:
-        pairs = urllib.parse.parse_qsl(
-            body.decode("ascii"),
-            keep_blank_values=True,
-            errors="strict",
-            max_num_fields=MAX_FIELDS,
-        )
-    except (UnicodeDecodeError, ValueError) as e:
+        return parse_form(body, max_fields=MAX_FIELDS)
+    except ValueError as e:  # UnicodeDecodeError too
         raise InvalidRequest(
             f"body is not a valid form (ASCII, UTF-8 percent-escapes, at most {MAX_FIELDS} fields)"
         ) from e
-    form: dict[str, list[str]] = {}
-    for name, value in pairs:
-        form.setdefault(name, []).append(value)
-    return form
 
 
 @dataclass(slots=True)
@@ -344,12 +339,16 @@ async def _exchange(request: web.Request, service: Service, outcome: Outcome) ->
     client = await service.auth.authenticate(presented, now=time.time())
     outcome.client = client.client_id
     CLIENT_ID.set(client.client_id)
-    outcome.zone = service.zone_of(exchange_request, client)
-    if service.shared_limits is not None:
-        await service.shared_limits.check(client)
-    else:
-        service.limiter.check(client.client_id)
-    response = await service.core.exchange(exchange_request, client=client)
+    try:
+        if service.shared_limits is not None:
+            await service.shared_limits.check(client)
+        else:
+            service.limiter.check(client.client_id)
+        response = await service.core.exchange(exchange_request, client=client)
+    except ExchangeError:  # the zone the request targets, for the labels, if it names one
+        outcome.zone = service.zone_of(exchange_request, client)
+        raise
+    outcome.zone = response.zone or NO_ZONE  # the zone the policy selected, as zone_of would
     outcome.jti = str(response.claims.get("jti"))
     outcome.scope = response.scope
     return response

@@ -50,6 +50,9 @@ class ExchangeMetrics:
         )
         for operation in SHARED_STATE_OPERATIONS:
             self.shared_state_errors.labels(operation=operation)
+        # (client, zone, outcome) -> its requests counter: labels() validates and locks on
+        # every call; the label values are bounded (see the module doc), so is this dict.
+        self._requests_by: dict[tuple[str, str, str], Counter] = {}
 
     def observe_shared_state_error(self, operation: str) -> None:
         """Count one failed shared-state operation."""
@@ -61,7 +64,13 @@ class ExchangeMetrics:
 
     def observe_exchange(self, client: str, zone: str, outcome: str, seconds: float) -> None:
         """Count one answered token request and its duration."""
-        self.requests.labels(client=client, zone=zone, outcome=outcome).inc()
+        key = (client, zone, outcome)
+        counter = self._requests_by.get(key)
+        if counter is None:
+            counter = self._requests_by[key] = self.requests.labels(
+                client=client, zone=zone, outcome=outcome
+            )
+        counter.inc()
         self.duration.observe(seconds)
 
     def render(self) -> bytes:
