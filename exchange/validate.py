@@ -123,6 +123,19 @@ def signed_part(
     return Signed(f"{head}.{payload}".encode("ascii"), raw_signature)
 
 
+def check_signature(signed: Signed, alg: str, key: Any) -> None:
+    """What ``PyJWS.decode_complete`` checks of a signature, through PyJWT's public
+    ``Algorithm`` API: the allow-listed ``alg``'s own key preparation (which refuses a key of
+    another type or curve) and its verification. InvalidSignatureError when it does not
+    verify."""
+    try:
+        algorithm = _JWS.get_algorithm_by_name(alg)
+    except NotImplementedError as e:  # as PyJWS words it
+        raise jwt.InvalidAlgorithmError("Algorithm not supported") from e
+    if not algorithm.verify(signed.signing_input, algorithm.prepare_key(key), signed.signature):
+        raise jwt.InvalidSignatureError("Signature verification failed")
+
+
 def unverified_claims(token: str) -> dict[str, Any]:
     """The claims of a compact JWS, unverified, ``{}`` when malformed: only for lifetimes and
     labels, never for a decision."""
@@ -211,14 +224,8 @@ def verify(
         )
     _check_key_fits(token, alg, key)
     try:  # the signature covers the very bytes peek() parsed: its claims are now verified
-        if token.signed is not None:  # PyJWS's checks of algorithm, key and signature
-            _JWS._verify_signature(
-                token.signed.signing_input,
-                dict(token.header),
-                token.signed.signature,
-                key.key,
-                [alg],
-            )
+        if token.signed is not None:  # PyJWT's own algorithm, key preparation and check
+            check_signature(token.signed, alg, key.key)
         else:  # a spelling PyJWS may refuse, or read differently: it reads the token itself
             _JWS.decode_complete(raw, key.key, algorithms=[alg])
     except jwt.InvalidSignatureError as e:
