@@ -128,8 +128,8 @@ class AccessLine:
 
 
 def flat_members(fields: dict[str, Any]) -> str | None:
-    """``_ENCODE(fields)`` without its braces, for flat fields (str, int, finite float, None),
-    written directly (twice as fast); None for any other value."""
+    """``_ENCODE(fields)`` without its braces, for flat fields (str, int, finite float, None,
+    a list of str), written directly (twice as fast); None for any other value."""
     members = []
     for key, value in fields.items():
         kind = type(value)
@@ -141,6 +141,8 @@ def flat_members(fields: dict[str, Any]) -> str | None:
             text = float.__repr__(value)
         elif value is None:
             text = "null"
+        elif kind is list and all(type(item) is str for item in value):
+            text = f"[{', '.join(map(_STRING, value))}]"
         else:
             return None
         members.append(f"{_STRING(key)}: {text}")

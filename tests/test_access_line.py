@@ -75,7 +75,7 @@ def test_below_info_nothing_is_written(logger: logging.Logger) -> None:
     st.dictionaries(
         st.text(max_size=8),
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-        | st.lists(st.integers(), max_size=2),
+        | st.lists(st.integers(), max_size=2) | st.lists(st.text(max_size=4), max_size=3),
         max_size=6,
     )
 )  # fmt: skip
