@@ -16,7 +16,7 @@ import functools
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -139,8 +139,7 @@ def end_to_end(headers: Headers, drop: Iterable[str] = ()) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in dropped)
 
 
-@dataclass(frozen=True, slots=True)
-class Hop:
+class Hop(NamedTuple):
     """The facts about the incoming connection that the upstream is told."""
 
     remote: str | None  # the peer address

@@ -10,6 +10,7 @@ Every answer the proxy gives itself comes from ``refusals``; WebSockets relay in
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion, HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -65,6 +66,10 @@ class _Miss(enum.Enum):
 MISS = _Miss.MISS  # no cached zone token: an exchange is due
 Known = str | None | Literal[_Miss.MISS]
 CHUNK = 64 * 1024
+_VERSIONS: dict[HttpVersion, str] = {
+    HttpVersion10: "1.0",
+    HttpVersion11: "1.1",
+}  # what aiohttp parses
 WARN_EVERY = 30.0  # seconds between warnings about one exchange's one kind of failure
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -277,8 +282,7 @@ class Proxy:
 
     def _fetch(self, route: Route, subject_token: str) -> Fetch:
         """The exchange a miss (or a refresh-ahead) of this route and subject makes."""
-        exchanger = self.exchangers[route.name]
-        return lambda: self._exchange(exchanger, route, subject_token)
+        return functools.partial(self._exchange, self.exchangers[route.name], route, subject_token)
 
     async def _exchange(self, exchanger: Exchanger, route: Route, subject_token: str) -> Issued:
         """One exchange for a cache miss, measured; its zone labels the route's later failures."""
@@ -508,7 +512,7 @@ def subject_token_of(headers: Headers, raw_target: str) -> str | None:
 
 
 def _hop(request: web.BaseRequest, original_host: str | None) -> Hop:
-    version = f"{request.version.major}.{request.version.minor}"
+    version = _VERSIONS.get(request.version) or "{}.{}".format(*request.version)
     return Hop(request.remote, request.scheme, version, original_host)
 
 

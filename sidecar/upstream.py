@@ -738,7 +738,8 @@ class UpstreamPool:
     def watch(self, exchange: Exchange, deadline: float) -> None:
         """Fail ``exchange`` (``timed_out``) if it is still waited for at ``deadline``."""
         self._deadlines[exchange] = deadline
-        self._start_ticking()
+        if self._ticking is None:
+            self._start_ticking()
 
     def unwatch(self, exchange: Exchange) -> None:
         self._deadlines.pop(exchange, None)
