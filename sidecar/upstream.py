@@ -440,7 +440,6 @@ class UpstreamResponse:
         self.status = exchange.status
         self.reason = exchange.reason.decode("latin-1")
         self.headers = exchange.headers
-        self.version = exchange.parser.get_http_version()
         self.content_length = _length(exchange._lengths)
         self._done = False
 
@@ -637,7 +636,9 @@ class UpstreamPool:
         if slots is None:
             slots = await self._take_slots(origin)
         try:
-            conn = await (self.connect(origin) if fresh else self.acquire(origin))
+            conn = None if fresh else self.idle_connection(origin)
+            if conn is None:
+                conn = await self.connect(origin)
         except BaseException:
             _give_back(slots)
             raise
@@ -689,7 +690,9 @@ class UpstreamPool:
             slots += (self._busy,)
         return slots
 
-    async def acquire(self, origin: Origin) -> Connection:
+    def idle_connection(self, origin: Origin) -> Connection | None:
+        """The most recently pooled connection to ``origin`` still open and not idle for
+        ``idle_timeout`` (older ones met on the way are closed); None: connect anew."""
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
@@ -697,7 +700,7 @@ class UpstreamPool:
                 conn.reused = True
                 return conn
             conn.close()
-        return await self.connect(origin)
+        return None
 
     async def connect(self, origin: Origin) -> Connection:
         loop = asyncio.get_running_loop()
