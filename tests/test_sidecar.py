@@ -687,6 +687,22 @@ class AnswersOnceThenAborts(Aborting):
         await super().handle(reader, writer)
 
 
+async def sidecar_in_front_of(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    op: DevOpenIDProvider,
+    aiohttp_server: ServerFactory,
+    proxy_server: ServerFactory,
+) -> tuple[asyncio.Server, TestServer]:
+    """A raw upstream answering with ``handle`` and a sidecar whose red routes go to it."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    document = sidecar_document(op, f"http://127.0.0.1:{port}", closed_port_url())
+    config = parse_sidecar_config(document, Path.cwd())
+    exchangers = counted_exchangers(config)
+    proxy, _, _ = await start_sidecar(config, aiohttp_server, proxy_server, exchangers)
+    return server, proxy
+
+
 @pytest.mark.usefixtures("no_crash")
 @pytest.mark.parametrize(
     ("method", "body", "deliveries"),
@@ -702,13 +718,7 @@ async def test_a_request_a_pooled_connection_dropped_is_resent_once_if_idempoten
 ) -> None:
     """A kept-alive upstream connection reset before answering: 502, idempotent resent once."""
     upstream = AnswersOnceThenAborts()
-    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    document = sidecar_document(op, f"http://127.0.0.1:{port}", closed_port_url())
-    config = parse_sidecar_config(document, Path.cwd())
-    proxy, _, _ = await start_sidecar(
-        config, aiohttp_server, proxy_server, counted_exchangers(config)
-    )
+    server, proxy = await sidecar_in_front_of(upstream.handle, op, aiohttp_server, proxy_server)
     headers = {"Authorization": f"Bearer {op.login('alice')}"}
     async with server, aiohttp.ClientSession() as session:
         async with session.get(proxy.make_url("/red/x"), headers=headers) as r:
@@ -735,13 +745,7 @@ async def test_a_request_a_new_connection_dropped_is_sent_once(
     """Upstream reads the request on a new connection and drops it: 502, never resent."""
     deliveries = 1
     upstream = Aborting()
-    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    document = sidecar_document(op, f"http://127.0.0.1:{port}", closed_port_url())
-    config = parse_sidecar_config(document, Path.cwd())
-    proxy, _, _ = await start_sidecar(
-        config, aiohttp_server, proxy_server, counted_exchangers(config)
-    )
+    server, proxy = await sidecar_in_front_of(upstream.handle, op, aiohttp_server, proxy_server)
     headers = {"Authorization": f"Bearer {op.login('alice')}"}
     async with (
         server,
