@@ -20,7 +20,7 @@ from bench.report import Row, as_json, table
 from bench.stack import Stack, build_stack
 from bench.tools import ensure_tools
 
-PACKAGES = ("aiohttp", "uvloop", "cryptography", "PyJWT", "cachetools", "prometheus_client")
+PACKAGES = ("aiohttp", "uvloop", "httptools", "cryptography", "PyJWT", "prometheus_client")
 Figure = Callable[[Stack, Size], Awaitable[list[Row]]]
 
 
