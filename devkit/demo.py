@@ -29,8 +29,8 @@ from exchange.config import parse_exchange_config
 from exchange.server.app import create_app
 from exchange.tokens import TokenExchangeRequest
 from runtime.logsetup import setup_logging
-from runtime.serving import HandlerRunner, RawHandler
-from sidecar.app import SIDECAR, Sidecar, build_sidecar, proxy_handler, proxy_server_args
+from runtime.serving import RawHandler
+from sidecar.app import SIDECAR, Sidecar, build_sidecar, proxy_handler, proxy_runner
 from sidecar.config import parse_sidecar_config
 
 # Fixed ports for the interactive demo (so the printed curl commands work); --once uses free ones.
@@ -146,7 +146,7 @@ async def start(
     runner = (
         web.AppRunner(app, **settings)
         if handler is None
-        else HandlerRunner(app, handler, **settings, **proxy_server_args(app[SIDECAR].config))
+        else proxy_runner(app, handler, **settings)
     )
     await runner.setup()
     await web.SockSite(runner, sock).start()

@@ -32,7 +32,7 @@ from runtime.configload import ConfigError
 from runtime.health import liveness, readiness
 from runtime.logsetup import quiet_parse_errors, setup_logging
 from runtime.retry import Backoff, retrying
-from runtime.serving import Listener, RawHandler, run, serve
+from runtime.serving import HandlerRunner, Listener, RawHandler, run, serve
 from sidecar.authz import check
 from sidecar.cache import Clock, TokenCache
 from sidecar.config import SidecarConfig, load_sidecar_config
@@ -391,6 +391,16 @@ def build_sidecar(
 def proxy_handler(app: web.Application) -> RawHandler:
     """What answers every request of the proxy listener: the sidecar's ``serve``."""
     return app[SIDECAR].serve
+
+
+def proxy_runner(
+    app: web.Application, handler: RawHandler | None = None, **settings: Any
+) -> HandlerRunner:
+    """A runner for the proxy app of ``build_sidecar`` outside ``serve_sidecar`` (the demo,
+    the tests): ``proxy_handler`` (or ``handler``, e.g. ``Sidecar.check``) on the low-level
+    server with the proxy listener's server settings, as ``serve_sidecar`` serves it."""
+    server_args = proxy_server_args(app[SIDECAR].config)
+    return HandlerRunner(app, handler or proxy_handler(app), **settings, **server_args)
 
 
 def authz_listener(sidecar: Sidecar, host: str, port: int) -> Listener:

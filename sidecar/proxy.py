@@ -69,7 +69,7 @@ CHUNK = 64 * 1024
 _VERSIONS: dict[HttpVersion, str] = {
     HttpVersion10: "1.0",
     HttpVersion11: "1.1",
-}  # what aiohttp parses
+}  # the usual two, looked up; any other is formatted
 WARN_EVERY = 30.0  # seconds between warnings about one exchange's one kind of failure
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 

@@ -16,11 +16,12 @@ from exchange.config import ExchangeConfig, parse_exchange_config
 from exchange.core import ExchangeCore
 from exchange.server.wiring import build_core
 from runtime.serving import HandlerRunner, RawHandler
-from sidecar.app import SIDECAR, proxy_handler, proxy_server_args
+from sidecar.app import proxy_handler, proxy_runner
 
 NOW = 1_900_000_000.0  # a fixed clock for pure tests
 ServerFactory = Callable[..., Any]
-pytest_plugins = ["tests.logchecks"]  # the session-wide secrets scan and no_crash
+# the session-wide secrets scan and no_crash; the programs fixture (zonegate subprocesses)
+pytest_plugins = ["tests.logchecks", "tests.programs"]
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ class HandlerTestServer(BaseTestServer):
         self.app, self._handler = app, handler
 
     async def _make_runner(self, **kwargs: Any) -> HandlerRunner:
-        return HandlerRunner(self.app, self._handler, **kwargs)
+        return proxy_runner(self.app, self._handler, **kwargs)
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ async def proxy_server() -> AsyncIterator[Callable[..., Any]]:
 
     async def serve(app: web.Application, handler: RawHandler | None = None) -> HandlerTestServer:
         server = HandlerTestServer(app, handler or proxy_handler(app))
-        await server.start_server(**proxy_server_args(app[SIDECAR].config))
+        await server.start_server()
         servers.append(server)
         return server
 

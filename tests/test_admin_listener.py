@@ -17,7 +17,7 @@ from exchange.config import parse_exchange_config
 from exchange.server.app import create_admin_app, create_app
 from runtime.configload import ConfigError
 from tests.conftest import exchange_document
-from tests.test_faults import Program, free_port
+from tests.programs import Program, free_port
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 OPERATOR_PATHS = ("/metrics", "/healthz", "/readyz")

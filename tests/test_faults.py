@@ -8,11 +8,9 @@ time, and every request in it has a client-side timeout so a hang fails the test
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,113 +29,14 @@ from exchange.tokens import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN
 from sidecar.app import build_sidecar
 from sidecar.config import parse_sidecar_config
 from tests.conftest import exchange_document
-from tests.logchecks import register_secret, scan_text
+from tests.logchecks import register_secret
+from tests.programs import Program, exchange_program, free_port, write_yaml
 from tests.test_server import basic
 from tests.test_sidecar import Backend, wait_ready
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 SHOP_AUTH = basic("shop-frontend", "s3cret-shop")
 REQUEST_TIMEOUT = 5.0  # no request of any load may take longer: that would be a hang
-STARTUP_TIMEOUT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# -- programs as subprocesses ----------------------------------------------------------------------
-
-
-@dataclass
-class Program:
-    """A ``zonegate`` subprocess whose output is read continuously (a full pipe would stall it)."""
-
-    args: tuple[str, ...]
-    process: asyncio.subprocess.Process | None = None
-    out: list[str] = field(default_factory=list)
-    err: list[str] = field(default_factory=list)
-    readers: list[asyncio.Task[None]] = field(default_factory=list)
-
-    async def start(self) -> dict[str, str]:
-        """Start, and return {listener name: URL} once every listener said where it listens."""
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "zonegate.cli", *self.args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert self.process.stdout is not None and self.process.stderr is not None
-        self.readers = [
-            asyncio.create_task(self._read(self.process.stdout, self.out)),
-            asyncio.create_task(self._read(self.process.stderr, self.err)),
-        ]
-        expected = 2 if self.args[0] == "sidecar" else 1
-        async with asyncio.timeout(STARTUP_TIMEOUT):
-            while len(listening := self.listening()) < expected:
-                assert self.process.returncode is None, "exited early:\n" + self.stderr()
-                await asyncio.sleep(0.05)
-        return listening
-
-    def listening(self) -> dict[str, str]:
-        return {line.split()[1]: line.split()[-1] for line in self.out if " listening on " in line}
-
-    @staticmethod
-    async def _read(stream: asyncio.StreamReader, lines: list[str]) -> None:
-        while line := await stream.readline():
-            lines.append(line.decode(errors="replace"))
-
-    def stderr(self) -> str:
-        return "".join(self.err)
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    async def wait(self, timeout: float = 15.0) -> int:
-        assert self.process is not None
-        async with asyncio.timeout(timeout):
-            code = await self.process.wait()
-            await asyncio.gather(*self.readers)
-        scan_text(f"zonegate {self.args[0]} output", "".join(self.out) + self.stderr())
-        self.out.clear()
-        self.err.clear()
-        return code
-
-    async def stop(self) -> None:
-        """Kill if still running; its output joins the secrets scan either way."""
-        if self.process is None:
-            return
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-        await self.wait()
-        self.process = None
-
-    async def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
-        async with asyncio.timeout(timeout):
-            while not any(text in line for line in self.err):
-                await asyncio.sleep(0.05)
-        return next(line for line in self.err if text in line)
-
-
-@pytest.fixture
-async def programs() -> AsyncIterator[Callable[..., Program]]:
-    """Make programs; every one still running at the end is killed and its output scanned."""
-    made: list[Program] = []
-
-    def make(*args: str) -> Program:
-        program = Program(args)
-        made.append(program)
-        return program
-
-    yield make
-    for program in made:
-        await program.stop()
-
-
-def write_yaml(path: Path, document: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(document))
-    return path
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -358,13 +257,8 @@ async def test_exchange_server_killed_under_load_and_restarted(
     """`zonegate exchange` is SIGKILLed while the remote-mode sidecar is under load: every request
     is a 201 or a 503 with Retry-After, none takes longer than 2.5 s; once the program is back
     on the same port, every request succeeds again without restarting the sidecar."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    config = write_yaml(
-        tmp_path / "exchange.yaml", exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
-    )
-    exchange = programs("exchange", "--config", str(config))
-    await exchange.start()
+    launched = await exchange_program(programs, op, tmp_path / "exchange.yaml")
+    exchange, url = launched.program, launched.url
     red = Backend("red")
     red_url = str((await aiohttp_server(red.app(), host="127.0.0.1")).make_url("")).rstrip("/")
     proxy_app, admin_app = build_sidecar(
@@ -631,12 +525,9 @@ async def test_exchange_sighup_reload_under_load(
     """`zonegate exchange` under steady load: a valid new config (red lifetime 300 -> 120) takes
     effect on SIGHUP; an invalid one is refused, its errors logged by YAML path, and 120 stays;
     not one request of the load fails."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    document = exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
-    config = write_yaml(tmp_path / "exchange.yaml", document)
-    exchange = programs("exchange", "--config", str(config))
-    await exchange.start()
+    launched = await exchange_program(programs, op, tmp_path / "exchange.yaml")
+    exchange, url = launched.program, launched.url
+    document, config = launched.document, launched.config
     async with aiohttp.ClientSession() as session:
         client = Exchange(url, op, session)
         steady = Steady(lambda i: client.post(client.form()))

@@ -21,26 +21,13 @@ from exchange.keys import SigningKey, generate_private_key, signing_key
 from exchange.tokens import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN
 from tests.conftest import exchange_document
 from tests.logchecks import register_secret
+from tests.programs import Program, free_port, write_yaml
 from tests.redisproc import RedisFactory, RedisProcess, redis_factory  # noqa: F401
-from tests.test_faults import SHOP_AUTH, Program, Result, free_port, timed, write_yaml
+from tests.test_faults import SHOP_AUTH, Result, timed
 from tests.test_sidecar import wait_ready
 
 LIMITED_AUTH = "Basic bGltaXRlZDpzM2NyZXQtbGltaXRlZA=="  # limited:s3cret-limited
 BURST = 3
-
-
-@pytest.fixture
-async def programs() -> AsyncIterator[Callable[..., Program]]:
-    """Make programs; every one still running at the end is killed and its output scanned."""
-    made: list[Program] = []
-
-    def make(*args: str) -> Program:
-        made.append(Program(args))
-        return made[-1]
-
-    yield make
-    for program in made:
-        await program.stop()
 
 
 @dataclass

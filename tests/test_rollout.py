@@ -9,14 +9,13 @@ import json
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import aiohttp
 import jwt
-import pytest
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
@@ -29,35 +28,19 @@ from sidecar.app import build_sidecar
 from sidecar.config import RemoteExchange, parse_sidecar_config
 from sidecar.exchanger import RemoteExchanger
 from tests.conftest import exchange_document
+from tests.programs import Program, exchange_program, free_port, write_yaml
 from tests.test_faults import (
-    Program,
     Result,
     ServerFactory,
     Steady,
     embedded_sidecar_document,
-    free_port,
     load,
     statuses,
     timed,
-    write_yaml,
 )
 from tests.test_sidecar import Backend, wait_ready
 
 EXIT_ONCE_IDLE = 2.0  # seconds a drained program may take to exit once nothing is in flight
-
-
-@pytest.fixture
-async def programs() -> AsyncIterator[Callable[..., Program]]:
-    """Make programs; every one still running at the end is killed and its output scanned."""
-    made: list[Program] = []
-
-    def make(*args: str) -> Program:
-        made.append(Program(args))
-        return made[-1]
-
-    yield make
-    for program in made:
-        await program.stop()
 
 
 async def idle_keepalive(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -82,11 +65,8 @@ async def test_exchange_server_exits_at_once_despite_an_idle_keepalive_connectio
 ) -> None:
     """SIGTERM to `zonegate exchange` while a client holds an idle keep-alive connection: the
     connection is closed at once and the program exits 0 within 2 s (not after the grace)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    document = exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
-    exchange = programs("exchange", "--config", str(write_yaml(tmp_path / "x.yaml", document)))
-    await exchange.start()
+    launched = await exchange_program(programs, op, tmp_path / "x.yaml")
+    exchange, url = launched.program, launched.url
     reader, writer = await idle_keepalive(url + "/healthz")
     started = time.monotonic()
     exchange.signal(signal.SIGTERM)
@@ -273,11 +253,8 @@ async def test_sighup_under_load_keeps_cached_users_cached(
     """Two SIGHUPs while 20 cached users call /red/ steadily: not one red exchange more, every
     request 201; /green/, whose scope the reload changed, is evicted (reason reload) and
     exchanged again; and with the exchange server then down, the cached users still get 201."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    exchange_doc = exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
-    exchange = programs("exchange", "--config", str(write_yaml(tmp_path / "x.yaml", exchange_doc)))
-    await exchange.start()
+    launched = await exchange_program(programs, op, tmp_path / "x.yaml")
+    exchange, url = launched.program, launched.url
     backend = Backend("zone")
     upstream = str((await aiohttp_server(backend.app(), host="127.0.0.1")).make_url("")).rstrip("/")
     routes = [route("red", upstream, "billing"), route("green", upstream, "orders")]
@@ -416,13 +393,8 @@ async def test_rolling_update_of_the_exchange_server_fails_no_app_request(
     """A remote-mode sidecar under steady load (20 clients, about 4 s, a new user every 5th
     request) while its exchange server is SIGTERMed and a new one started on the same port:
     not one app request fails, and the old server exits within 2 s."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    exchange_config = write_yaml(
-        tmp_path / "x.yaml", exchange_document(op, issuer=url, listen=f"127.0.0.1:{port}")
-    )
-    old = programs("exchange", "--config", str(exchange_config))
-    await old.start()
+    launched = await exchange_program(programs, op, tmp_path / "x.yaml")
+    old, url, exchange_config = launched.program, launched.url, launched.config
     backend = Backend("zone")
     upstream = str((await aiohttp_server(backend.app(), host="127.0.0.1")).make_url("")).rstrip("/")
     document = remote_sidecar_document(url, [route("red", upstream, "billing")])
